@@ -1,0 +1,171 @@
+"""Atomic checkpoints: written to a temporary directory, sealed with a manifest, renamed into place.
+
+A checkpoint directory is complete only if its `manifest.json` (written last) lists every file with its
+sha256; `verify` checks that, so a truncated or altered file is reported by name instead of loading
+silently. Weights are safetensors only: pickle-based `.bin`/`.pt` weights are refused unless the user
+opts in (`actor.model.allow_pickle_weights`), since unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+FORMAT = "lora-rl-checkpoint/1"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, incomplete, altered or unsafe to read."""
+
+
+def write_atomically(final: Path, write: Callable[[Path], None], step: int, extra: dict | None = None) -> Path:
+    """Run `write(tmp_dir)`, seal it with a manifest, then rename it to `final`.
+
+    A crash or exception at any point leaves `final` as it was (absent, or the previous checkpoint):
+    the new directory appears under its name only once complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        _write_manifest(tmp, step, extra or {})
+        _replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write_manifest(directory: Path, step: int, extra: dict) -> None:
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        _fsync(path)  # data on disk before the manifest vouches for it
+        files[path.relative_to(directory).as_posix()] = sha256(path)
+    manifest = {"format": FORMAT, "step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": library_versions(), "files": files, **extra}  # fmt: skip
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _fsync(directory / MANIFEST)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move `new` to `final`; an existing `final` is moved aside first and deleted only afterwards."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(new, final)
+    _fsync(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    import lora_rl
+
+    return {"lora_rl": lora_rl.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}  # fmt: skip
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The directory's manifest, or None when it has none (e.g. an adapter made by another tool)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: corrupt manifest ({err.msg})") from None
+
+
+def verify(directory: Path) -> dict[str, Any] | None:
+    """Check every file the manifest lists; raise CheckpointError naming the first bad one."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return None
+    for name, expected in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {MANIFEST} but missing; the checkpoint is incomplete")
+        if sha256(path) != expected:
+            raise CheckpointError(f"{path}: sha256 differs from {MANIFEST}; the file is truncated or altered")
+    return manifest
+
+
+def refuse_pickle(directory: Path, allow_pickle: bool) -> None:
+    """Raise when `directory` holds only pickle weights and the user did not opt in."""
+    directory = Path(directory)
+    if allow_pickle or any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise CheckpointError(
+            f"{directory}: weights are pickle files ({', '.join(pickled)}), which can run arbitrary code; "
+            "convert them to safetensors, or set actor.model.allow_pickle_weights: true if you trust them"
+        )
+
+
+def save_adapter(model, directory: Path, *, step: int, tokenizer=None, recipe=None,
+                 adapter_name: str = "default", extra: dict | None = None) -> Path:  # fmt: skip
+    """Save one peft adapter so that `PeftModel.from_pretrained(base, directory)` loads it.
+
+    Writes adapter_config.json, adapter_model.safetensors, the tokenizer, the resolved recipe.yaml,
+    then the manifest; atomically.
+    """
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+        if adapter_name != "default":  # peft nests non-default adapters in a sub-folder; flatten it
+            for item in (tmp / adapter_name).iterdir():
+                os.replace(item, tmp / item.name)
+            (tmp / adapter_name).rmdir()
+        _write_common(tmp, tokenizer, recipe)
+
+    return write_atomically(directory, write, step, extra)
+
+
+def save_full_model(model, directory: Path, *, step: int, tokenizer=None, recipe=None,
+                    extra: dict | None = None) -> Path:  # fmt: skip
+    """Save a fully fine-tuned model (safetensors) the same atomic way as an adapter."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _write_common(tmp, tokenizer, recipe)
+
+    return write_atomically(directory, write, step, extra)
+
+
+def _write_common(tmp: Path, tokenizer, recipe) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if recipe is not None:
+        recipe.save(tmp / "recipe.yaml")

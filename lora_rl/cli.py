@@ -1,0 +1,149 @@
+"""The `lora-rl` command line. Each command: load the recipe, then run. No ML here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import lora_rl
+from lora_rl import display
+from lora_rl.recipe import Recipe, RecipeError, load_recipe, recipe_warnings
+
+app = typer.Typer(
+    help="Fine-tune language models with LoRA adapters for RLHF, driven by YAML recipes.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Dotted overrides, e.g. actor.model.lora_rank=16 train.learning_rate=1e-5.", show_default=False),
+]
+
+
+class Purpose(str, Enum):
+    ppo = "ppo"
+    train_reward = "train-reward"
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input ends the command with its one-line messages and exit code 2, never a traceback."""
+    from lora_rl.checkpoint import CheckpointError
+    from lora_rl.model import ModelError
+
+    try:
+        yield
+    except RecipeError as err:
+        display.print_problems(err.problems)
+        raise typer.Exit(2) from None
+    except (ModelError, CheckpointError) as err:
+        display.print_problems([str(err)])
+        raise typer.Exit(2) from None
+
+
+def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
+    resolved = load_recipe(recipe, overrides or [])
+    display.print_warnings(recipe_warnings(resolved))
+    return resolved
+
+
+def _not_implemented(command: str, issue: str) -> None:
+    display.print_problems([f"`lora-rl {command}` is not implemented yet ({issue}); its arguments are final"])
+    raise typer.Exit(1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lora-rl {lora_rl.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune language models with LoRA adapters for RLHF, driven by YAML recipes."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # our own rich progress is the one display
+
+
+@app.command()
+def validate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    purpose: Annotated[
+        Purpose, typer.Option("--for", help="Which command the recipe is for: decides the model head.")
+    ] = Purpose.ppo,
+) -> None:
+    """Validate RECIPE, print it resolved, build the model and print the LoRA pre-flight table. No training."""
+    from lora_rl.model import build
+
+    with user_errors():
+        resolved = _load(recipe, overrides)
+        display.print_recipe(resolved)
+        built = build(resolved, "reward" if purpose is Purpose.train_reward else "causal-lm")
+        display.print_model_report(built.report)
+
+
+@app.command("train-reward")
+def train_reward(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Train a pairwise (Bradley-Terry) reward model with LoRA from RECIPE."""
+    with user_errors():
+        _load(recipe, overrides)
+    _not_implemented("train-reward", "issue 4")
+
+
+@app.command()
+def ppo(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Run PPO with a LoRA policy on one shared frozen base, from RECIPE."""
+    with user_errors():
+        _load(recipe, overrides)
+    _not_implemented("ppo", "issue 5")
+
+
+class Dtype(str, Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+@app.command()
+def merge(
+    adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory (adapter_config.json + safetensors).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where the merged model is written.")],
+    base: Annotated[Path | None, typer.Option(help="Base model directory; default: the adapter's base.")] = None,
+    dtype: Annotated[Dtype | None, typer.Option(help="Output precision; default: the base's.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT_DIR.")] = False,
+    no_check: Annotated[bool, typer.Option("--no-check", help="Skip the merged-vs-adapter output check.")] = False,
+    streaming: Annotated[
+        bool, typer.Option("--streaming", help="Merge tensor by tensor over the base's safetensors shards.")
+    ] = False,
+) -> None:
+    """Fold the adapter in ADAPTER_DIR into its base and save a plain transformers model to OUT_DIR."""
+    _not_implemented("merge", "issue 6")
+
+
+@app.command()
+def load(
+    base_or_adapter: Annotated[Path, typer.Argument(help="Base model directory, or an adapter directory.")],
+    adapter: Annotated[
+        list[str] | None, typer.Option("--adapter", help="NAME=DIR: an adapter to attach; repeatable.")
+    ] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeatable.")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="A file with one prompt per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 32,
+    score: Annotated[bool, typer.Option("--score", help="Print rewards (reward adapters) instead.")] = False,
+) -> None:
+    """Load a base once, attach adapters, and compare the base and each adapter side by side."""
+    _not_implemented("load", "issue 6")

@@ -1,0 +1,346 @@
+"""Typed recipe schema, YAML loading and strict validation.
+
+Every recipe key is a field of a frozen dataclass below, with its default and a one-line doc
+(`key(default, doc)`). `load_recipe` reads the YAML (safe_load, duplicate keys refused), applies
+dotted command-line overrides, checks every key and value, and raises one `RecipeError` that lists
+every problem at once, before any model is loaded. This module imports no torch: validation is instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lora_rl.tiny import TINY_MODELS
+
+# RLinf's list, matched against each module's leaf name; entries a model lacks are skipped.
+DEFAULT_TARGET_MODULES = (
+    "proj", "qkv", "fc1", "fc2", "q", "kv", "fc3",
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
+)  # fmt: skip
+
+
+class RecipeError(Exception):
+    """Every problem found in a recipe, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def key(default: Any, doc: str, check: tuple[typing.Callable[[Any], bool], str] | None = None) -> Any:
+    """A recipe field: its default, a one-line doc, and an optional (predicate, expectation) range check."""
+    factory = (lambda: list(default)) if isinstance(default, list) else None
+    meta = {"doc": doc, "check": check}
+    if factory:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POSITIVE = (lambda v: v > 0, "a number > 0")
+POSITIVE_INT = (lambda v: v > 0, "an integer > 0")
+NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+NON_NEGATIVE_INT = (lambda v: v >= 0, "an integer >= 0")
+UNIT_INTERVAL_OPEN = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = key("tiny-llama", f"local model directory, or a built-in tiny model: {', '.join(TINY_MODELS)}")
+    trust_remote_code: bool = key(False, "run Python code shipped with the model directory (off unless you trust it)")
+    dtype: Literal["float32", "bfloat16", "float16"] = key("float32", "precision the base weights are loaded in")
+    allow_pickle_weights: bool = key(False, "also read .bin/.pt (pickle) weights; only safetensors otherwise")
+    is_lora: bool = key(True, "train LoRA adapters on a frozen base; false means full fine-tuning")
+    lora_rank: int = key(32, "LoRA rank r", POSITIVE_INT)
+    lora_alpha: int | None = key(None, "LoRA alpha; null means 2 x lora_rank", POSITIVE_INT)
+    lora_dropout: float = key(0.0, "dropout on the LoRA input", UNIT_INTERVAL_OPEN)
+    lora_path: str | None = key(None, "existing adapter directory to continue training from")
+    target_modules: list[str] | Literal["all-linear"] | None = key(
+        None, "module leaf names to adapt; null means the default list, matched loosely; or all-linear"
+    )
+    init_lora_weights: bool | Literal["gaussian", "olora", "pissa"] = key(
+        "gaussian", "LoRA init: gaussian (RLinf), true (peft default), olora or pissa"
+    )
+    use_rslora: bool = key(False, "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
+    num_layers_unfrozen: int = key(-1, "full fine-tuning only: train just the top N layers; -1 trains all",
+                                   (lambda v: v >= -1, "-1 (all layers) or an integer >= 0"))
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    model: ModelConfig = key(ModelConfig(), "the policy (or reward) model and its adapter")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_path: str | None = key(None, "training data: a .jsonl, .json or .parquet file, or a datasets directory")
+    eval_path: str | None = key(None, "evaluation data in the same format; null holds out eval_fraction instead")
+    eval_fraction: float = key(0.0, "fraction of train_path held out (with the seed) when eval_path is null",
+                               UNIT_INTERVAL_OPEN)  # fmt: skip
+    max_length: int = key(512, "tokens per sequence; longer ones are truncated", POSITIVE_INT)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = key(1e-4, "peak AdamW learning rate", POSITIVE)
+    batch_size: int = key(8, "examples per process per micro-batch", POSITIVE_INT)
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", POSITIVE_INT)
+    num_epochs: int = key(1, "passes over the training data (unless max_steps is set)", POSITIVE_INT)
+    max_steps: int | None = key(None, "optimizer steps to run; overrides num_epochs", POSITIVE_INT)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = key("linear", "decay after warmup")
+    warmup_ratio: float = key(0.0, "fraction of steps with linear warmup", UNIT_INTERVAL_OPEN)
+    weight_decay: float = key(0.0, "AdamW weight decay", NON_NEGATIVE)
+    max_grad_norm: float | None = key(1.0, "gradient clipping norm; null disables it", POSITIVE)
+    mixed_precision: Literal["no", "bf16", "fp16"] = key("no", "autocast precision (accelerate's names)")
+    gradient_checkpointing: bool = key(True, "recompute activations in backward to save memory")
+    log_every: int = key(1, "optimizer steps between metric lines", POSITIVE_INT)
+    eval_every: int = key(0, "optimizer steps between evaluations; 0 evaluates only at the end", NON_NEGATIVE_INT)
+    save_every: int = key(0, "optimizer steps between checkpoints; 0 saves only at the end", NON_NEGATIVE_INT)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = key(42, "seed for data order, held-out split, initialisation and sampling")
+    output_dir: str | None = key(None, "where checkpoints, metrics and the resolved recipe go; null: runs/<recipe>")
+    actor: ActorConfig = key(ActorConfig(), "the trained model")
+    data: DataConfig = key(DataConfig(), "data files")
+    train: TrainConfig = key(TrainConfig(), "optimisation hyper-parameters")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        """Write the resolved recipe as YAML, atomically (temp file + rename)."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            name = self.construct_object(key_node, deep=deep)
+            if name in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {name!r} appears twice", key_node.start_mark
+                )
+            seen.add(name)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The YAML mapping in `path`; a RecipeError naming the file when it is missing or malformed."""
+    if not path.is_file():
+        raise RecipeError([f"{path}: recipe file not found"])
+    try:
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError([f"{path}: invalid YAML{where}: {getattr(err, 'problem', err)}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: expected a mapping of recipe keys at the top level"])
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Set each `dotted.key=value` (value parsed as YAML) into `data`; returns the problems found."""
+    problems = []
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted or any(not part for part in dotted.split(".")):
+            problems.append(f"override {item!r}: expected KEY=VALUE, e.g. actor.model.lora_rank=16")
+            continue
+        *parents, leaf = dotted.split(".")
+        node = data
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r}: {'.'.join(parents[: depth + 1])} is not a section")
+                break
+        else:
+            try:
+                node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                problems.append(f"override {item!r}: the value is not valid YAML")
+    return problems
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe; raises RecipeError listing every problem."""
+    path = Path(path)
+    data = read_yaml(path)
+    problems = apply_overrides(data, overrides or [])
+    recipe = _build(Recipe, data, "", problems)
+    problems += _check_paths(recipe)  # keys that failed above hold their defaults here
+    if problems:
+        raise RecipeError(problems)
+    return _resolve(recipe, path)
+
+
+def _resolve(recipe: Recipe, path: Path) -> Recipe:
+    """Fill defaults that depend on other keys, so the saved recipe reproduces the run exactly."""
+    model = recipe.actor.model
+    if model.lora_alpha is None:
+        model = dataclasses.replace(model, lora_alpha=2 * model.lora_rank)
+    if model.target_modules == ["all-linear"]:  # the one-item list means the same as the string
+        model = dataclasses.replace(model, target_modules="all-linear")
+    output_dir = recipe.output_dir or str(Path("runs") / path.stem)
+    return dataclasses.replace(recipe, output_dir=output_dir, actor=dataclasses.replace(recipe.actor, model=model))
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Keys that are valid but will be ignored, as users of RLinf and trlx expect."""
+    model, default = recipe.actor.model, ModelConfig()
+    if model.is_lora:
+        if model.num_layers_unfrozen != default.num_layers_unfrozen:
+            return ["actor.model.num_layers_unfrozen is ignored when is_lora is true (LoRA trains adapters only)"]
+        return []
+    lora_keys = ["lora_rank", "lora_dropout", "lora_path", "target_modules", "init_lora_weights", "use_rslora"]
+    changed = [k for k in lora_keys if getattr(model, k) != getattr(default, k)]
+    if model.lora_alpha != 2 * model.lora_rank:
+        changed.append("lora_alpha")
+    if changed:
+        return [f"actor.model.{', '.join(changed)}: ignored because is_lora is false (full fine-tuning)"]
+    return []
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """An instance of dataclass `cls` from `data`; problems are appended, defaults fill their places."""
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or '<top level>'}: got {data!r}; expected a mapping of keys")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for name in data:
+        if name not in fields:
+            problems.append(f"{prefix}{name}: unknown key{_did_you_mean(str(name), list(fields))}")
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        keypath = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], data[name], keypath + ".", problems)
+            continue
+        ok, value = _coerce(data[name], hints[name])
+        check = f.metadata.get("check")
+        if not ok:
+            problems.append(f"{keypath}: got {data[name]!r}; expected {_describe(hints[name])}")
+        elif check and value is not None and not check[0](value):
+            problems.append(f"{keypath}: got {value!r}; expected {check[1]}")
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(choices)}"
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(True, value converted to `hint`) when it fits, else (False, None). No silent str->int etc."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(hint):
+            ok, converted = _coerce(value, option)
+            if ok:
+                return True, converted
+        return False, None
+    if origin is Literal:
+        return (value in typing.get_args(hint) and type(value) is not bool), value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str) and item is str:  # `target_modules: q_proj` means one entry
+            return False, None
+        items = [_coerce(v, item) for v in value] if isinstance(value, list) else [(False, None)]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if hint is type(None):
+        return value is None, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        return _as_float(value)
+    if hint is str:
+        return isinstance(value, str), value
+    raise TypeError(f"recipe schema uses an unsupported type {hint!r}")
+
+
+def _as_float(value: Any) -> tuple[bool, Any]:
+    # YAML 1.1 reads 1e-5 (no dot) as a string; accept it as the number the user meant.
+    if isinstance(value, bool):
+        return False, None
+    if isinstance(value, int | float):
+        return True, float(value)
+    if isinstance(value, str):
+        try:
+            return True, float(value)
+        except ValueError:
+            return False, None
+    return False, None
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(str(v) for v in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names[hint]
+
+
+def _check_paths(recipe: Recipe) -> list[str]:
+    """Files and directories the recipe names must exist: checked here, before any model loads."""
+    problems = []
+    model = recipe.actor.model
+    if model.path not in TINY_MODELS and not Path(model.path).is_dir():
+        problems.append(
+            f"actor.model.path: {model.path!r} is not a directory; expected a local model directory "
+            f"or one of the built-in models: {', '.join(TINY_MODELS)}"
+        )
+    if model.lora_path is not None and not (Path(model.lora_path) / "adapter_config.json").is_file():
+        problems.append(
+            f"actor.model.lora_path: {model.lora_path!r} has no adapter_config.json; expected an adapter directory"
+        )
+    for name in ("train_path", "eval_path"):
+        value = getattr(recipe.data, name)
+        if value is not None and not Path(value).exists():
+            problems.append(f"data.{name}: {value!r} does not exist; expected a data file or directory")
+    return problems
+
+
+def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every recipe key: the reference printed by the README."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type) or dataclasses.is_dataclass(f.default):
+            rows += describe_keys(type(f.default), f"{prefix}{f.name}.")
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((f"{prefix}{f.name}", yaml.safe_dump(default).split("\n")[0], f.metadata["doc"]))
+    return rows
