@@ -21,10 +21,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe file.", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="YAML recipe file.", show_default=False)]
 OverridesArg = Annotated[
     list[str] | None,
-    typer.Argument(help="Dotted overrides, e.g. actor.model.lora_rank=16 train.learning_rate=1e-5.", show_default=False),
+    typer.Argument(
+        metavar="[OVERRIDES]...",
+        help="Dotted overrides, e.g. actor.model.lora_rank=16 train.learning_rate=1e-5.",
+        show_default=False,
+    ),
 ]
 
 
@@ -73,9 +77,13 @@ def main(
     ] = False,
 ) -> None:
     """Fine-tune language models with LoRA adapters for RLHF, driven by YAML recipes."""
+    import warnings
+
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # our own rich progress is the one display
+    # peft still calls transformers APIs renamed in 5.x; the notice is not actionable by our users.
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
 
 
 @app.command()
@@ -120,8 +128,10 @@ class Dtype(str, Enum):
 
 @app.command()
 def merge(
-    adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory (adapter_config.json + safetensors).")],
-    out_dir: Annotated[Path, typer.Argument(help="Where the merged model is written.")],
+    adapter_dir: Annotated[
+        Path, typer.Argument(metavar="ADAPTER_DIR", help="Adapter directory (adapter_config.json + safetensors).")
+    ],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Where the merged model is written.")],
     base: Annotated[Path | None, typer.Option(help="Base model directory; default: the adapter's base.")] = None,
     dtype: Annotated[Dtype | None, typer.Option(help="Output precision; default: the base's.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT_DIR.")] = False,
@@ -136,7 +146,9 @@ def merge(
 
 @app.command()
 def load(
-    base_or_adapter: Annotated[Path, typer.Argument(help="Base model directory, or an adapter directory.")],
+    base_or_adapter: Annotated[
+        Path, typer.Argument(metavar="BASE_OR_ADAPTER", help="Base model directory, or an adapter directory.")
+    ],
     adapter: Annotated[
         list[str] | None, typer.Option("--adapter", help="NAME=DIR: an adapter to attach; repeatable.")
     ] = None,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -101,14 +103,27 @@ def load_base(path: Path, cfg: ModelConfig, head: Head, tokenizer) -> nn.Module:
               "use_safetensors": None if cfg.allow_pickle_weights else True}  # fmt: skip
     if head == "reward":
         # pad_token_id lets the classifier find each row's last real token in a padded batch.
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, pad_token_id=tokenizer.pad_token_id, **kwargs
-        )
+        with quiet_transformers():  # it reports the new head as "missing": expected, it is new
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, pad_token_id=tokenizer.pad_token_id, **kwargs
+            )
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging
+
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
 
 
 def classifier_head_name(model: nn.Module) -> str:
@@ -261,6 +276,7 @@ def attach_lora(model: nn.Module, cfg: ModelConfig, head: Head, matches: list[Ta
     with warnings.catch_warnings():
         # GPT-2 mixes Conv1D blocks with a Linear lm_head; peft fixes fan_in_fan_out per layer and warns.
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")  # target_warnings says it better
         return get_peft_model(model, lora_config(cfg, model, head, matches))
 
 
@@ -292,7 +308,9 @@ def adapter_contradictions(saved: dict, cfg: ModelConfig, model: nn.Module, head
         problems.append(f"its task_type is {saved['task_type']}, this command needs {PEFT_TASK[head]}")
     for recipe_key, saved_key in (("lora_rank", "r"), ("lora_alpha", "lora_alpha"), ("use_rslora", "use_rslora")):
         if saved.get(saved_key) is not None and saved[saved_key] != getattr(cfg, recipe_key):
-            problems.append(f"its {saved_key} is {saved[saved_key]}, the recipe's {recipe_key} is {getattr(cfg, recipe_key)}")
+            problems.append(
+                f"its {saved_key} is {saved[saved_key]}, the recipe's {recipe_key} is {getattr(cfg, recipe_key)}"
+            )
     saved_targets = saved.get("target_modules") or []
     saved_targets = "all-linear" if saved_targets == "all-linear" else sorted(saved_targets)
     try:

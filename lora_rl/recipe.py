@@ -70,8 +70,11 @@ class ModelConfig:
         "gaussian", "LoRA init: gaussian (RLinf), true (peft default), olora or pissa"
     )
     use_rslora: bool = key(False, "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
-    num_layers_unfrozen: int = key(-1, "full fine-tuning only: train just the top N layers; -1 trains all",
-                                   (lambda v: v >= -1, "-1 (all layers) or an integer >= 0"))
+    num_layers_unfrozen: int = key(
+        -1,
+        "full fine-tuning only: train just the top N layers; -1 trains all",
+        (lambda v: v >= -1, "-1 (all layers) or an integer >= 0"),
+    )
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Recipe:
     seed: int = key(42, "seed for data order, held-out split, initialisation and sampling")
-    output_dir: str | None = key(None, "where checkpoints, metrics and the resolved recipe go; null: runs/<recipe>")
+    output_dir: str | None = key(None, "where checkpoints, metrics and the resolved recipe go; null: runs/RECIPE_NAME")
     actor: ActorConfig = key(ActorConfig(), "the trained model")
     data: DataConfig = key(DataConfig(), "data files")
     train: TrainConfig = key(TrainConfig(), "optimisation hyper-parameters")
@@ -135,9 +138,7 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             name = self.construct_object(key_node, deep=deep)
             if name in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {name!r} appears twice", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"key {name!r} appears twice", key_node.start_mark)
             seen.add(name)
         return super().construct_mapping(node, deep=deep)
 
@@ -309,7 +310,7 @@ def _describe(hint: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(str(v) for v in typing.get_args(hint))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+        return "a list of strings"  # the only list type in the schema
     names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names[hint]
 

@@ -1,0 +1,3 @@
+from lora_rl.cli import app
+
+app(prog_name="lora-rl")

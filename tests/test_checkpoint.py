@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_rl import checkpoint
+from lora_rl.checkpoint import CheckpointError, verify, write_atomically
+
+
+def write_files(files: dict[str, bytes]):
+    def write(tmp):
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+
+    return write
+
+
+def test_manifest_lists_every_file_with_sha256(tmp_path):
+    final = write_atomically(tmp_path / "ckpt", write_files({"a.safetensors": b"abc", "b.json": b"{}"}), step=7)
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["step"] == 7
+    assert manifest["files"] == {
+        "a.safetensors": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",  # sha256("abc")
+        "b.json": "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",  # sha256("{}")
+    }
+    assert set(manifest["versions"]) == {"lora_rl", "torch", "transformers", "peft"}
+    assert verify(final)["step"] == 7
+
+
+def test_failure_during_save_leaves_nothing_under_final_name(tmp_path):
+    def crash(tmp):
+        (tmp / "half.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(tmp_path / "ckpt", crash, step=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_during_save_keeps_previous_checkpoint(tmp_path):
+    write_atomically(tmp_path / "ckpt", write_files({"w.safetensors": b"old"}), step=1)
+
+    def crash(tmp):
+        (tmp / "w.safetensors").write_bytes(b"new-but-half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(tmp_path / "ckpt", crash, step=2)
+    assert (tmp_path / "ckpt" / "w.safetensors").read_bytes() == b"old"
+    assert verify(tmp_path / "ckpt")["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_save_replaces_previous_checkpoint(tmp_path):
+    write_atomically(tmp_path / "ckpt", write_files({"w.safetensors": b"old", "extra.json": b"1"}), step=1)
+    write_atomically(tmp_path / "ckpt", write_files({"w.safetensors": b"new"}), step=2)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["manifest.json", "w.safetensors"]
+    assert verify(tmp_path / "ckpt")["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_truncated_or_missing_file_is_named(tmp_path):
+    final = write_atomically(tmp_path / "ckpt", write_files({"w.safetensors": b"x" * 100, "c.json": b"{}"}), 0)
+    (final / "w.safetensors").write_bytes(b"x" * 50)
+    with pytest.raises(CheckpointError, match=r"w.safetensors: sha256 differs from manifest.json"):
+        verify(final)
+    (final / "c.json").unlink()
+    with pytest.raises(CheckpointError, match=r"c.json: listed in manifest.json but missing"):
+        verify(final)
+
+
+def test_directory_without_manifest_is_accepted_as_foreign(tmp_path):
+    assert verify(tmp_path) is None
+
+
+def test_corrupt_manifest(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt manifest"):
+        verify(tmp_path)
+
+
+def test_pickle_weights_refused_unless_opted_in(tmp_path):
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match=r"adapter_model.bin\), which can run arbitrary code"):
+        checkpoint.refuse_pickle(tmp_path, allow_pickle=False)
+    checkpoint.refuse_pickle(tmp_path, allow_pickle=True)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    checkpoint.refuse_pickle(tmp_path, allow_pickle=False)  # safetensors present: those are read
