@@ -169,3 +169,24 @@ def _write_common(tmp: Path, tokenizer, recipe) -> None:
         tokenizer.save_pretrained(tmp)
     if recipe is not None:
         recipe.save(tmp / "recipe.yaml")
+
+
+def start_run_dir(output_dir: str | Path, recipe, overwrite: bool) -> Path:
+    """Create the run's output directory and save the resolved recipe in it.
+
+    A directory that already holds a run (metrics.jsonl) is refused unless `overwrite`, which clears
+    that run's metrics and checkpoints first: a new run never appends to an old one's metrics silently.
+    """
+    out = Path(output_dir)
+    if (out / "metrics.jsonl").exists():
+        if not overwrite:
+            raise CheckpointError(
+                f"output_dir: {out} already holds a run (metrics.jsonl); choose another output_dir, "
+                "or pass --overwrite to replace it"
+            )
+        (out / "metrics.jsonl").unlink()
+        for old in [*out.glob("checkpoint-*"), out / "final"]:
+            shutil.rmtree(old, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe.save(out / "recipe.yaml")
+    return out

@@ -32,6 +32,11 @@ OverridesArg = Annotated[
 ]
 
 
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the run already in output_dir (its metrics and checkpoints).")
+]
+
+
 class Purpose(str, Enum):
     ppo = "ppo"
     train_reward = "train-reward"
@@ -41,11 +46,12 @@ class Purpose(str, Enum):
 def user_errors() -> Iterator[None]:
     """Bad input ends the command with its one-line messages and exit code 2, never a traceback."""
     from lora_rl.checkpoint import CheckpointError
+    from lora_rl.data import DataError
     from lora_rl.model import ModelError
 
     try:
         yield
-    except RecipeError as err:
+    except (RecipeError, DataError) as err:
         display.print_problems(err.problems)
         raise typer.Exit(2) from None
     except (ModelError, CheckpointError) as err:
@@ -105,11 +111,16 @@ def validate(
 
 
 @app.command("train-reward")
-def train_reward(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-    """Train a pairwise (Bradley-Terry) reward model with LoRA from RECIPE."""
+def train_reward(recipe: RecipeArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
+    """Train a pairwise (Bradley-Terry) reward model with LoRA from RECIPE.
+
+    Reads preference pairs (chosen, rejected, optional prompt and margin) from data.train_path; writes
+    metrics.jsonl, checkpoint-N/ every train.save_every steps, and final/ (a peft adapter) to output_dir.
+    """
+    from lora_rl import train_reward as command
+
     with user_errors():
-        _load(recipe, overrides)
-    _not_implemented("train-reward", "issue 4")
+        command.run(_load(recipe, overrides), overwrite=overwrite)
 
 
 @app.command()

@@ -58,3 +58,37 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
     """One JSON line per record: `metrics.jsonl` is read by scripts, so keys stay stable."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """A rich progress bar whose trailing text shows the latest metrics; silent on non-main processes."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.bar = RichProgress(
+            TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=console, disable=not enabled,
+        )  # fmt: skip
+        self.task = self.bar.add_task(description, total=total, metrics="")
+        self.enabled = enabled
+
+    def __enter__(self) -> Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, completed: int, metrics: dict[str, float]) -> None:
+        self.bar.update(self.task, completed=completed, metrics=format_metrics(metrics))
+
+    def note(self, text: str) -> None:
+        """A line printed above the bar (e.g. an evaluation), kept in the scrollback."""
+        if self.enabled:
+            self.bar.console.print(text, highlight=False)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{name} {value:.3g}" for name, value in metrics.items())

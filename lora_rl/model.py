@@ -40,6 +40,7 @@ class ModelReport:
     base_path: Path
     head: Head
     is_lora: bool
+    head_module: str | None = None  # the reward model's classification layer, e.g. "score"
     matches: list[TargetMatch] = field(default_factory=list)
     trainable: int = 0
     total: int = 0
@@ -60,6 +61,8 @@ def build(recipe: Recipe, head: Head) -> Built:
     tokenizer = load_tokenizer(path, cfg)
     model = load_base(path, cfg, head, tokenizer)
     report = ModelReport(base_path=path, head=head, is_lora=cfg.is_lora)
+    if head == "reward":
+        report.head_module = classifier_head_name(model)
     if cfg.is_lora:
         user_wrote = cfg.target_modules is not None
         report.matches = match_targets(model, cfg.target_modules or list(DEFAULT_TARGET_MODULES), head, user_wrote)
@@ -153,6 +156,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
+    model.config.use_cache = False  # a KV cache is useless when training and conflicts with recomputation
 
 
 def freeze_bottom_layers(model: nn.Module, num_layers_unfrozen: int) -> None:

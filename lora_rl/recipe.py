@@ -89,6 +89,7 @@ class DataConfig:
     eval_fraction: float = key(0.0, "fraction of train_path held out (with the seed) when eval_path is null",
                                UNIT_INTERVAL_OPEN)  # fmt: skip
     max_length: int = key(512, "tokens per sequence; longer ones are truncated", POSITIVE_INT)
+    drop_long: bool = key(False, "drop pairs longer than max_length instead of truncating them (both are counted)")
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,11 @@ class TrainConfig:
     max_grad_norm: float | None = key(1.0, "gradient clipping norm; null disables it", POSITIVE)
     mixed_precision: Literal["no", "bf16", "fp16"] = key("no", "autocast precision (accelerate's names)")
     gradient_checkpointing: bool = key(True, "recompute activations in backward to save memory")
+    center_rewards_coefficient: float | None = key(
+        None,
+        "reward model: weight of mean((r_chosen + r_rejected)^2) in the loss (TRL); null disables it",
+        NON_NEGATIVE,
+    )
     log_every: int = key(1, "optimizer steps between metric lines", POSITIVE_INT)
     eval_every: int = key(0, "optimizer steps between evaluations; 0 evaluates only at the end", NON_NEGATIVE_INT)
     save_every: int = key(0, "optimizer steps between checkpoints; 0 saves only at the end", NON_NEGATIVE_INT)

@@ -1,0 +1,161 @@
+"""Data from local files via `datasets`: preference pairs, with row-numbered errors; tokenizing; padding.
+
+Files: `.jsonl`, `.json`, `.parquet`, or a directory written by `Dataset.save_to_disk`. Rows are
+checked before any model loads; every problem names the file and the row (1-based: the line of a
+.jsonl file).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+MAX_REPORTED = 10  # row problems listed before "... and N more"
+
+
+class DataError(Exception):
+    """Bad data, one line per problem (file and row)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Pair(NamedTuple):
+    """One tokenized preference pair; `margin` is the optional required reward gap (TRL's margin column)."""
+
+    chosen: list[int]
+    rejected: list[int]
+    margin: float
+
+
+class PairBatch(NamedTuple):
+    """B pairs padded together: rows 0..B-1 are the chosen texts, rows B..2B-1 the rejected ones."""
+
+    input_ids: torch.Tensor  # (2B, T)
+    attention_mask: torch.Tensor  # (2B, T), 1 on real tokens
+    margin: torch.Tensor  # (B,)
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a local data file or saved `datasets` directory, as dicts."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(path)
+    if path.is_dir():
+        try:
+            return datasets.load_from_disk(str(path)).to_list()
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError([f"{path}: not a directory saved by datasets ({err})"]) from None
+    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    if path.suffix not in builders:
+        raise DataError([f"{path}: unsupported file type {path.suffix!r}; expected .jsonl, .json, .parquet"])
+    try:
+        dataset = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+    except datasets.exceptions.DatasetGenerationError:
+        raise DataError([_first_bad_json_line(path)]) from None
+    return dataset.to_list()
+
+
+def _first_bad_json_line(path: Path) -> str:
+    """datasets reports malformed JSON without a usable position; find the line ourselves."""
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            try:
+                line.strip() and json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}: row {number}: invalid JSON ({err.msg})"
+    return f"{path}: not valid {path.suffix[1:]} data"
+
+
+def check_pairs(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Every row has non-empty string `chosen` and `rejected`, an optional string `prompt`, and a
+    number `margin` either in every row or in none."""
+    problems = []
+    with_margin = sum(row.get("margin") is not None for row in rows)
+    for number, row in enumerate(rows, start=1):
+        for name in ("chosen", "rejected"):
+            value = row.get(name)
+            if value is None:
+                problems.append(f"{path}: row {number}: missing {name!r}")
+            elif not isinstance(value, str) or not value.strip():
+                problems.append(f"{path}: row {number}: {name!r} must be a non-empty string, got {value!r}")
+        if row.get("prompt") is not None and not isinstance(row["prompt"], str):
+            problems.append(f"{path}: row {number}: 'prompt' must be a string, got {row['prompt']!r}")
+        margin = row.get("margin")
+        if 0 < with_margin < len(rows) and margin is None:
+            problems.append(f"{path}: row {number}: missing 'margin' (other rows have one: all or none)")
+        elif margin is not None and (isinstance(margin, bool) or not isinstance(margin, int | float)):
+            problems.append(f"{path}: row {number}: 'margin' must be a number, got {margin!r}")
+    if not rows:
+        problems.append(f"{path}: no rows")
+    if len(problems) > MAX_REPORTED:
+        problems = problems[:MAX_REPORTED] + [f"{path}: ... and {len(problems) - MAX_REPORTED} more problems"]
+    if problems:
+        raise DataError(problems)
+
+
+def load_pairs(path: str | Path) -> list[dict[str, Any]]:
+    rows = read_rows(path)
+    check_pairs(rows, path)
+    return rows
+
+
+def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) with round(fraction * n) rows held out (at least one when fraction > 0)."""
+    if fraction <= 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = max(1, round(fraction * len(rows)))
+    if held >= len(rows):
+        raise DataError([f"data.eval_fraction: {fraction} of {len(rows)} rows leaves none to train on"])
+    return [rows[i] for i in order[held:]], [rows[i] for i in order[:held]]
+
+
+class Tokenized(NamedTuple):
+    pairs: list[Pair]
+    truncated: int  # pairs where chosen or rejected exceeded max_length
+    dropped: int  # of those, how many were dropped (drop_long)
+
+
+def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, drop_long: bool) -> Tokenized:
+    """Tokenize prompt+chosen and prompt+rejected (the prompt is prepended as is, as TRL does)."""
+    prompts = [row.get("prompt") or "" for row in rows]
+    chosen = tokenizer([p + row["chosen"] for p, row in zip(prompts, rows, strict=True)])["input_ids"]
+    rejected = tokenizer([p + row["rejected"] for p, row in zip(prompts, rows, strict=True)])["input_ids"]
+    pairs, truncated = [], 0
+    for row, c, r in zip(rows, chosen, rejected, strict=True):
+        too_long = len(c) > max_length or len(r) > max_length
+        truncated += too_long
+        if not (too_long and drop_long):
+            pairs.append(Pair(c[:max_length], r[:max_length], float(row.get("margin") or 0.0)))
+    return Tokenized(pairs, truncated, truncated if drop_long else 0)
+
+
+def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (N, longest), padded on `side` ("right" or "left")."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(0, len(seq)) if side == "right" else slice(longest - len(seq), longest)
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+class PairCollator:
+    """Pads chosen and rejected of a batch together, so one forward pass scores both."""
+
+    def __init__(self, pad_id: int, side: str = "right"):
+        self.pad_id, self.side = pad_id, side
+
+    def __call__(self, pairs: list[Pair]) -> PairBatch:
+        ids, mask = pad([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id, self.side)
+        return PairBatch(ids, mask, torch.tensor([p.margin for p in pairs], dtype=torch.float32))

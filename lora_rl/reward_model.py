@@ -1,0 +1,74 @@
+"""A scalar reward read at each sequence's last real token, and the Bradley-Terry pairwise loss.
+
+`RewardModel` wraps a sequence classifier (plain or peft-wrapped): backbone -> hidden state at the last
+token where attention_mask is 1 -> score head. Reading the position from the attention mask (not from
+`input_ids != pad_token_id`, as transformers does) stays right when the pad token equals a real token
+such as EOS, and works for right and left padding alike.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) mask -> (N,) index of each row's last real token, for right or left padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(dim=-1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) positions counted over real tokens only, so a left-padded row sees the same positions as a
+    right-padded one (transformers would number the pads first)."""
+    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.base_model.model if hasattr(model, "peft_config") else model
+
+
+class RewardModel(nn.Module):
+    """Sequence classifier -> (N,) float32 rewards at each row's last real token.
+
+    One module, so accelerate/DDP wrap its forward and synchronise gradients as usual.
+    """
+
+    def __init__(self, model: nn.Module, head_name: str):
+        super().__init__()
+        self.model = model  # the (peft) sequence classifier; saved as is
+        self.backbone_name, self.head_name = transformers_model(model).base_model_prefix, head_name
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        inner = transformers_model(self.model)
+        backbone, head = getattr(inner, self.backbone_name), getattr(inner, self.head_name)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state  # (N, T, H)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return head(last).squeeze(-1).float()  # the head only at N positions, not N*T
+
+
+class PairwiseOutput(NamedTuple):
+    loss: torch.Tensor  # scalar
+    accuracy: torch.Tensor  # scalar: fraction of pairs with r_chosen > r_rejected
+    margin: torch.Tensor  # scalar: mean r_chosen - r_rejected
+
+
+def bradley_terry(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, center_coef: float | None = None
+) -> PairwiseOutput:
+    """Pairwise loss on (B,) rewards, as TRL's RewardTrainer:
+
+    loss = mean(-log sigmoid(r_c - r_r - m)) + center_coef * mean((r_c + r_r)^2)
+    The centering term (Eisenstein et al. 2023) keeps rewards near zero.
+    """
+    diff = chosen - rejected
+    loss = -F.logsigmoid(diff - (margin if margin is not None else 0.0)).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return PairwiseOutput(loss, (diff > 0).float().mean(), diff.mean())

@@ -1,0 +1,197 @@
+"""`lora-rl train-reward`: a pairwise (Bradley-Terry) reward model, LoRA or full fine-tuning.
+
+run(recipe): check data -> build model -> Bradley-Terry loop (accumulation, clipping, warmup/decay,
+periodic eval and checkpoints) -> save the final adapter. Reads top to bottom; helpers below.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from lora_rl import checkpoint, display
+from lora_rl.data import DataError, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
+from lora_rl.model import Built, base_fingerprint, build
+from lora_rl.recipe import Recipe, RecipeError
+from lora_rl.reward_model import RewardModel, bradley_terry
+
+
+def run(recipe: Recipe, overwrite: bool = False) -> Path:
+    """Train the reward model the recipe describes; returns the final checkpoint directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # 1. Everything that can be wrong with the input is found before any model loads.
+    check_mixed_precision(recipe.train.mixed_precision)
+    train_rows, eval_rows = load_split(recipe)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+        mixed_precision=recipe.train.mixed_precision,
+    )
+    main = accelerator.is_main_process
+    out = checkpoint.start_run_dir(recipe.output_dir, recipe, overwrite) if main else Path(recipe.output_dir)
+
+    # 2. Model, data, optimizer.
+    set_seed(recipe.seed)
+    built = build(recipe, "reward")
+    if main:
+        display.print_model_report(built.report)
+    train_set = tokenize(train_rows, built, recipe, "train", main)
+    eval_set = tokenize(eval_rows, built, recipe, "eval", main)
+    collate = PairCollator(built.tokenizer.pad_token_id, built.tokenizer.padding_side)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    train_loader = DataLoader(train_set, recipe.train.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    eval_loader = DataLoader(eval_set, recipe.train.batch_size, collate_fn=collate)
+    model = RewardModel(built.model, built.report.head_module)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    total_steps = recipe.train.max_steps or recipe.train.num_epochs * math.ceil(
+        len(train_loader) / recipe.train.gradient_accumulation_steps
+    )
+    scheduler = make_scheduler(optimizer, recipe, total_steps)
+
+    # 3. Train: one optimizer step per `gradient_accumulation_steps` micro-batches.
+    def save(name: str, step: int) -> Path:
+        return save_checkpoint(accelerator, model, built, recipe, out / name, step)
+
+    step, window, started = 0, Window(), time.perf_counter()
+    with display.Progress(total_steps, "train", enabled=main) as progress:
+        while step < total_steps:
+            for batch in train_loader:
+                model.train()
+                with accelerator.accumulate(model):
+                    rewards = model(batch.input_ids, batch.attention_mask)
+                    chosen, rejected = rewards.chunk(2)
+                    out_ = bradley_terry(chosen, rejected, batch.margin, recipe.train.center_rewards_coefficient)
+                    accelerator.backward(out_.loss)
+                    if accelerator.sync_gradients and recipe.train.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window.add(out_, len(chosen))
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                scheduler.step()
+                if step % recipe.train.log_every == 0 or step == total_steps:
+                    record = window.flush(accelerator, step, scheduler.get_last_lr()[0], time.perf_counter())
+                    log(out, record, main)
+                    progress.update(
+                        step, {"loss": record["loss"], "acc": record["accuracy"], "pairs/s": record["pairs_per_s"]}
+                    )
+                if recipe.train.eval_every and step % recipe.train.eval_every == 0 and step < total_steps:
+                    log(out, evaluate(model, eval_loader, accelerator, step), main, progress)
+                if recipe.train.save_every and step % recipe.train.save_every == 0 and step < total_steps:
+                    save(f"checkpoint-{step}", step)
+                if step >= total_steps:
+                    break
+
+    # 4. Final evaluation and adapter.
+    log(out, evaluate(model, eval_loader, accelerator, step), main)
+    final = save("final", step)
+    if main:
+        display.console.print(f"saved {final} ({time.perf_counter() - started:.0f}s)", highlight=False)
+    return final
+
+
+def check_mixed_precision(precision: str) -> None:
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError(
+            ["train.mixed_precision: got 'fp16'; fp16 needs a CUDA GPU, this machine has none: use bf16 or no"]
+        )
+    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise RecipeError(["train.mixed_precision: got 'bf16'; this GPU does not support bf16: use fp16 or no"])
+
+
+def load_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows): eval_path when given, else a seeded eval_fraction of train_path."""
+    if recipe.data.train_path is None:
+        raise RecipeError(["data.train_path: got null; expected a file of preference pairs (chosen, rejected)"])
+    rows = load_pairs(recipe.data.train_path)
+    if recipe.data.eval_path:
+        return rows, load_pairs(recipe.data.eval_path)
+    return split_rows(rows, recipe.data.eval_fraction, recipe.seed)
+
+
+def tokenize(rows: list[dict], built: Built, recipe: Recipe, split: str, main: bool) -> list[Pair]:
+    result = tokenize_pairs(rows, built.tokenizer, recipe.data.max_length, recipe.data.drop_long)
+    if result.truncated and main:
+        action = "dropped" if recipe.data.drop_long else "truncated"
+        limit = recipe.data.max_length
+        display.print_warnings(
+            [f"{split}: {result.truncated} of {len(rows)} pairs exceed max_length {limit}: {action}"]
+        )
+    if split == "train" and not result.pairs:
+        raise DataError(["data.train_path: no pairs left to train on after dropping long pairs"])
+    return result.pairs
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = math.ceil(recipe.train.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if recipe.train.lr_scheduler == "constant" else recipe.train.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+class Window:
+    """Sums of loss, accuracy and margin over the micro-batches since the last log line."""
+
+    def __init__(self):
+        self.sums, self.pairs, self.since = torch.zeros(4), 0, time.perf_counter()
+
+    def add(self, out, pairs: int) -> None:
+        values = torch.stack([out.loss.detach(), out.accuracy, out.margin.detach(), torch.tensor(1.0)]).cpu()
+        self.sums += values
+        self.pairs += pairs
+
+    def flush(self, accelerator, step: int, lr: float, now: float) -> dict:
+        sums = accelerator.reduce(self.sums.to(accelerator.device), "sum").cpu()
+        pairs = self.pairs * accelerator.num_processes
+        loss, accuracy, margin = (sums[:3] / sums[3]).tolist()
+        record = {"step": step, "split": "train", "loss": loss, "accuracy": accuracy, "margin": margin, "lr": lr,
+                  "pairs_per_s": pairs / (now - self.since)}  # fmt: skip
+        self.__init__()
+        return record
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, step: int) -> dict:
+    """Accuracy, mean margin and loss over the whole eval set (all processes)."""
+    model.eval()
+    diffs = []
+    for batch in loader:
+        chosen, rejected = model(batch.input_ids, batch.attention_mask).chunk(2)
+        diffs.append(accelerator.gather_for_metrics(chosen - rejected - batch.margin))
+    if not diffs:
+        return {}
+    diff = torch.cat(diffs)
+    loss = -torch.nn.functional.logsigmoid(diff).mean().item()
+    return {"step": step, "split": "eval", "loss": loss, "accuracy": (diff > 0).float().mean().item(),
+            "margin": diff.mean().item(), "pairs": len(diff)}  # fmt: skip
+
+
+def log(out: Path, record: dict, main: bool, progress: display.Progress | None = None) -> None:
+    if not record or not main:
+        return
+    display.append_metrics(out / "metrics.jsonl", record)
+    if record["split"] == "eval":
+        line = f"step {record['step']}: eval accuracy {record['accuracy']:.3f}  margin {record['margin']:.3f}"
+        (progress.note if progress else display.console.print)(line)
+
+
+def save_checkpoint(accelerator, model, built: Built, recipe: Recipe, directory: Path, step: int) -> Path:
+    """The adapter (or the full model) with tokenizer and recipe, written by the main process only."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(model).model
+        extra = {"base_fingerprint": base_fingerprint(inner.config)}
+        save = checkpoint.save_adapter if recipe.actor.model.is_lora else checkpoint.save_full_model
+        save(inner, directory, step=step, tokenizer=built.tokenizer, recipe=recipe, extra=extra)
+    accelerator.wait_for_everyone()
+    return directory
