@@ -134,12 +134,12 @@ def refuse_pickle(directory: Path, allow_pickle: bool) -> None:
         )
 
 
-def save_adapter(model, directory: Path, *, step: int, tokenizer=None, recipe=None,
-                 adapter_name: str = "default", extra: dict | None = None) -> Path:  # fmt: skip
+def save_adapter(model, directory: Path, *, step: int, tokenizer=None, recipe=None, adapter_name: str = "default",
+                 extra: dict | None = None, also: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
     """Save one peft adapter so that `PeftModel.from_pretrained(base, directory)` loads it.
 
     Writes adapter_config.json, adapter_model.safetensors, the tokenizer, the resolved recipe.yaml,
-    then the manifest; atomically.
+    whatever `also(tmp_dir)` adds (e.g. a value head), then the manifest; atomically.
     """
 
     def write(tmp: Path) -> None:
@@ -148,27 +148,29 @@ def save_adapter(model, directory: Path, *, step: int, tokenizer=None, recipe=No
             for item in (tmp / adapter_name).iterdir():
                 os.replace(item, tmp / item.name)
             (tmp / adapter_name).rmdir()
-        _write_common(tmp, tokenizer, recipe)
+        _write_common(tmp, tokenizer, recipe, also)
 
     return write_atomically(directory, write, step, extra)
 
 
-def save_full_model(model, directory: Path, *, step: int, tokenizer=None, recipe=None,
-                    extra: dict | None = None) -> Path:  # fmt: skip
+def save_full_model(model, directory: Path, *, step: int, tokenizer=None, recipe=None, extra: dict | None = None,
+                    also: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
     """Save a fully fine-tuned model (safetensors) the same atomic way as an adapter."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
-        _write_common(tmp, tokenizer, recipe)
+        _write_common(tmp, tokenizer, recipe, also)
 
     return write_atomically(directory, write, step, extra)
 
 
-def _write_common(tmp: Path, tokenizer, recipe) -> None:
+def _write_common(tmp: Path, tokenizer, recipe, also: Callable[[Path], None] | None) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if recipe is not None:
         recipe.save(tmp / "recipe.yaml")
+    if also is not None:
+        also(tmp)
 
 
 def start_run_dir(output_dir: str | Path, recipe, overwrite: bool) -> Path:

@@ -126,9 +126,14 @@ class Tokenized(NamedTuple):
 
 def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, drop_long: bool) -> Tokenized:
     """Tokenize prompt+chosen and prompt+rejected (the prompt is prepended as is, as TRL does)."""
+    if not rows:
+        return Tokenized([], 0, 0)
     prompts = [row.get("prompt") or "" for row in rows]
     chosen = tokenizer([p + row["chosen"] for p, row in zip(prompts, rows, strict=True)])["input_ids"]
     rejected = tokenizer([p + row["rejected"] for p, row in zip(prompts, rows, strict=True)])["input_ids"]
+    empty = [number for number, (c, r) in enumerate(zip(chosen, rejected, strict=True), start=1) if not c or not r]
+    if empty:  # the model cannot read a reward off zero tokens; usually a tokenizer that does not fit the data
+        raise DataError([f"rows {_first(empty)}: text tokenizes to zero tokens; check the tokenizer and the data"])
     pairs, truncated = [], 0
     for row, c, r in zip(rows, chosen, rejected, strict=True):
         too_long = len(c) > max_length or len(r) > max_length
@@ -136,6 +141,11 @@ def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, drop_
         if not (too_long and drop_long):
             pairs.append(Pair(c[:max_length], r[:max_length], float(row.get("margin") or 0.0)))
     return Tokenized(pairs, truncated, truncated if drop_long else 0)
+
+
+def _first(numbers: list[int], limit: int = 5) -> str:
+    shown = ", ".join(map(str, numbers[:limit]))
+    return shown + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
 
 
 def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,3 +169,34 @@ class PairCollator:
     def __call__(self, pairs: list[Pair]) -> PairBatch:
         ids, mask = pad([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id, self.side)
         return PairBatch(ids, mask, torch.tensor([p.margin for p in pairs], dtype=torch.float32))
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """The `prompt` column of a data file; every row a non-empty string (errors name the row)."""
+    rows = read_rows(path)
+    problems = [
+        f"{path}: row {number}: 'prompt' must be a non-empty string, got {row.get('prompt')!r}"
+        for number, row in enumerate(rows, start=1)
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip()
+    ]
+    if not rows:
+        problems.append(f"{path}: no rows")
+    if problems:
+        extra = len(problems) - MAX_REPORTED
+        raise DataError(problems[:MAX_REPORTED] + ([f"{path}: ... and {extra} more problems"] if extra > 0 else []))
+    return [row["prompt"] for row in rows]
+
+
+def tokenize_prompts(prompts: list[str], tokenizer, max_length: int, chat_template: bool) -> Tokenized:
+    """Token ids per prompt (through the chat template when asked); longer prompts keep their last
+    max_length tokens, since generation continues from the end. Returned as Tokenized(pairs=ids, ...)."""
+    if chat_template:
+        ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for p in prompts]  # fmt: skip
+    else:
+        ids = tokenizer(prompts)["input_ids"]
+    empty = [number for number, seq in enumerate(ids, start=1) if not seq]
+    if empty:
+        raise DataError([f"rows {_first(empty)}: prompt tokenizes to zero tokens; check the tokenizer and the data"])
+    truncated = sum(len(seq) > max_length for seq in ids)
+    return Tokenized([seq[-max_length:] for seq in ids], truncated, 0)

@@ -89,12 +89,25 @@ def resolve_path(cfg: ModelConfig) -> Path:
 
 def load_tokenizer(path: Path, cfg: ModelConfig):
     """The base's tokenizer, with a pad token (the EOS token when the model defines none)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if _saved_tokenizer_class(path) in GENERIC_TOKENIZERS and (Path(path) / "tokenizer.json").is_file():
+        # transformers 5 picks the tokenizer class from the model type and ignores a saved generic one:
+        # a custom tokenizer.json on, say, a Qwen2 model would load as Qwen2's BPE and encode nothing.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _saved_tokenizer_class(path: Path) -> str | None:
+    config = Path(path) / "tokenizer_config.json"
+    return json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
 
 
 def load_base(path: Path, cfg: ModelConfig, head: Head, tokenizer) -> nn.Module:

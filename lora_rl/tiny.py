@@ -17,6 +17,7 @@ TINY_SEED = 0
 
 # Lower-case words the tokenizer knows; everything else becomes <unk>. The demos' texts use them.
 WORDS = """
+user assistant system answer question about
 the a an and or but not no yes is are was were be been to of in on at for with by from as it this that
 these those i you he she we they me him her us them my your his our their what which who how why when where
 there here all any some many much more most few less very so too also only just than then now good great
@@ -75,9 +76,18 @@ def build_tokenizer():
     core.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", ids["<bos>"])]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# "question : <user text> answer :" -- enough structure to exercise chat-template handling.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}answer :{% endif %}"
+)
 
 
 def build_config(name: str):

@@ -45,7 +45,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
     collate = PairCollator(built.tokenizer.pad_token_id, built.tokenizer.padding_side)
     generator = torch.Generator().manual_seed(recipe.seed)
     train_loader = DataLoader(train_set, recipe.train.batch_size, shuffle=True, collate_fn=collate, generator=generator)
-    eval_loader = DataLoader(eval_set, recipe.train.batch_size, collate_fn=collate)
+    eval_loader = DataLoader(eval_set, recipe.train.batch_size, collate_fn=collate) if eval_set else None
     model = RewardModel(built.model, built.report.head_module)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
@@ -162,15 +162,15 @@ class Window:
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, step: int) -> dict:
-    """Accuracy, mean margin and loss over the whole eval set (all processes)."""
+    """Accuracy, mean margin and loss over the whole eval set (all processes); {} without an eval set."""
+    if loader is None:
+        return {}
     model.eval()
     diffs = []
     for batch in loader:
         chosen, rejected = model(batch.input_ids, batch.attention_mask).chunk(2)
         diffs.append(accelerator.gather_for_metrics(chosen - rejected - batch.margin))
-    if not diffs:
-        return {}
-    diff = torch.cat(diffs)
+    diff = torch.cat(diffs)  # (pairs,) across all processes
     loss = -torch.nn.functional.logsigmoid(diff).mean().item()
     return {"step": step, "split": "eval", "loss": loss, "accuracy": (diff > 0).float().mean().item(),
             "margin": diff.mean().item(), "pairs": len(diff)}  # fmt: skip

@@ -117,3 +117,14 @@ def test_collator_puts_chosen_then_rejected():
     batch = PairCollator(pad_id=0)([Pair([1, 2], [3], 0.5), Pair([4], [5, 6, 7], 0.0)])
     assert batch.input_ids.tolist() == [[1, 2, 0], [4, 0, 0], [3, 0, 0], [5, 6, 7]]
     assert torch.equal(batch.margin, torch.tensor([0.5, 0.0]))
+
+
+def test_text_that_tokenizes_to_nothing_is_an_error():
+    class EmptyTokenizer:
+        def __call__(self, texts):
+            return {"input_ids": [[] if "zzz" in t else [1] for t in texts]}
+
+    rows = [{"chosen": "a", "rejected": "b"}, {"chosen": "zzz", "rejected": "b"}]
+    with pytest.raises(DataError) as err:
+        tokenize_pairs(rows, EmptyTokenizer(), max_length=8, drop_long=False)
+    assert err.value.problems == ["rows 2: text tokenizes to zero tokens; check the tokenizer and the data"]

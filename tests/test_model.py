@@ -219,3 +219,18 @@ def test_build_leaves_recipe_untouched(write_recipe):
     copy = dataclasses.replace(recipe)
     build(recipe, "causal-lm")
     assert recipe == copy
+
+
+def test_custom_tokenizer_on_a_qwen2_model_is_honoured(tmp_path):
+    """transformers 5 would load it as Qwen2's BPE tokenizer (from the model type) and encode nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config
+
+    from lora_rl.recipe import ModelConfig
+
+    core = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2, "w1": 3, "w2": 4}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>").save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=5, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path, ModelConfig())
+    assert tokenizer("w1 w2 w1")["input_ids"] == [3, 4, 3]

@@ -112,6 +112,13 @@ def test_full_fine_tuning_saves_a_plain_model(write_recipe, pair_files, llama_di
     assert not torch.equal(trained.state_dict()[name], base.state_dict()[name])
 
 
+def test_training_without_eval_set(write_recipe, pair_files):
+    recipe = load_recipe(write_recipe({"data": {"train_path": pair_files[0]}, "train": {"max_steps": 2}}))
+    final = train_reward.run(recipe)
+    assert verify(final)["step"] == 2
+    assert {m["split"] for m in metrics(Path(recipe.output_dir))} == {"train"}
+
+
 def test_existing_run_refused_without_overwrite(write_recipe, pair_files):
     recipe = short_recipe(write_recipe, pair_files, train={"max_steps": 1})
     train_reward.run(recipe)
