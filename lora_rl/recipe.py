@@ -116,12 +116,66 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = key(32, "tokens sampled per prompt (generation stops earlier at EOS)", POSITIVE_INT)
+    temperature: float = key(1.0, "sampling temperature; the policy's log-probs use the same one", POSITIVE)
+    top_k: int = key(0, "sample among the k likeliest tokens; 0 disables", NON_NEGATIVE_INT)
+    top_p: float = key(1.0, "nucleus sampling mass; 1.0 disables", (lambda v: 0 < v <= 1, "a number in (0, 1]"))
+    chat_template: bool = key(False, "wrap each prompt in the tokenizer's chat template as a user message")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    num_updates: int = key(100, "PPO updates (rollout + optimisation) to run", POSITIVE_INT)
+    rollout_batch_size: int = key(16, "prompts per update per process; divisible by batch_size x accumulation",
+                                  POSITIVE_INT)  # fmt: skip
+    ppo_epochs: int = key(1, "passes over each rollout batch", POSITIVE_INT)
+    reference: Literal["base", "initial_adapter"] | None = key(
+        None, "KL reference: the base (adapters off) or the starting adapter; null: initial_adapter with lora_path"
+    )
+    kl_coef: float = key(0.05, "initial coefficient of the per-token KL penalty", NON_NEGATIVE)
+    kl_estimator: Literal["k1", "k3"] = key("k1", "per-token KL estimator: k1 = log ratio, k3 = Schulman's unbiased")
+    adaptive_kl: bool = key(False, "adapt kl_coef towards target_kl (Ziegler et al. 2019)")
+    target_kl: float = key(6.0, "adaptive KL: target KL per sequence", POSITIVE)
+    kl_horizon: int = key(10000, "adaptive KL: horizon in rollout samples", POSITIVE_INT)
+    gamma: float = key(1.0, "discount", (lambda v: 0 <= v <= 1, "a number in [0, 1]"))
+    lam: float = key(0.95, "GAE lambda", (lambda v: 0 <= v <= 1, "a number in [0, 1]"))
+    clip_range: float = key(0.2, "policy ratio clip epsilon", POSITIVE)
+    clip_range_value: float = key(0.2, "value clip around the rollout's values", POSITIVE)
+    vf_coef: float = key(0.1, "weight of the value loss", NON_NEGATIVE)
+    whiten_advantages: bool = key(True, "normalise advantages to mean 0, std 1 per rollout batch")
+    missing_eos_penalty: float | None = key(None, "subtracted from the score of a completion without EOS",
+                                            NON_NEGATIVE)  # fmt: skip
+    normalize_rewards: bool = key(False, "scale scores by a running std and centre them by a running mean")
+    reward_clip: float | None = key(None, "clip scores (after normalisation) to [-c, c]", POSITIVE)
+    max_bad_updates: int = key(3, "stop after this many consecutive updates with non-finite values", POSITIVE_INT)
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    mode: Literal["shared", "adapter"] = key(
+        "shared", "shared: value head on the policy's hidden state; adapter: own LoRA adapter + value head"
+    )
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    adapter: str | None = key(None, "reward adapter directory (from train-reward) on the same base")
+    model: str | None = key(None, "a separate sequence-classifier directory (any base)")
+    function: str | None = key(None, "package.module:function(prompts, completions) -> list of floats")
+
+
+@dataclass(frozen=True)
 class Recipe:
     seed: int = key(42, "seed for data order, held-out split, initialisation and sampling")
     output_dir: str | None = key(None, "where checkpoints, metrics and the resolved recipe go; null: runs/RECIPE_NAME")
     actor: ActorConfig = key(ActorConfig(), "the trained model")
     data: DataConfig = key(DataConfig(), "data files")
     train: TrainConfig = key(TrainConfig(), "optimisation hyper-parameters")
+    generation: GenerationConfig = key(GenerationConfig(), "ppo: sampling of completions")
+    ppo: PPOConfig = key(PPOConfig(), "ppo: algorithm hyper-parameters")
+    critic: CriticConfig = key(CriticConfig(), "ppo: the value function")
+    reward: RewardConfig = key(RewardConfig(), "ppo: where scores come from; exactly one key")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -334,6 +388,12 @@ def _check_paths(recipe: Recipe) -> list[str]:
         problems.append(
             f"actor.model.lora_path: {model.lora_path!r} has no adapter_config.json; expected an adapter directory"
         )
+    if recipe.reward.adapter is not None and not (Path(recipe.reward.adapter) / "adapter_config.json").is_file():
+        problems.append(
+            f"reward.adapter: {recipe.reward.adapter!r} has no adapter_config.json; expected an adapter directory"
+        )
+    if recipe.reward.model is not None and not (Path(recipe.reward.model) / "config.json").is_file():
+        problems.append(f"reward.model: {recipe.reward.model!r} has no config.json; expected a model directory")
     for name in ("train_path", "eval_path"):
         value = getattr(recipe.data, name)
         if value is not None and not Path(value).exists():

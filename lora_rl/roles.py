@@ -1,0 +1,225 @@
+"""One frozen base in memory serving every PPO role.
+
+- policy    = the base with the policy LoRA adapter (peft's "default": it saves flat, loads with plain peft);
+- reference = the base with adapters off, or a frozen copy of the starting adapter ("reference");
+- critic    = a value head on the policy's last hidden state (shared), or its own adapter ("critic") + head;
+- reward    = a reward adapter from train-reward ("reward") + its score head, a separate sequence
+              classifier, or a Python function.
+
+Every switch of the active adapter goes through `Roles.use`, which restores the previous adapter in a
+`finally` and re-applies which parameters train: peft's `set_adapter` marks the adapter it activates
+trainable and all others frozen, even an adapter loaded for inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lora_rl import checkpoint
+from lora_rl.model import ModelError, base_contradictions
+from lora_rl.ppo import entropy_from_logits, gather_logprobs
+from lora_rl.reward_model import last_token_index, position_ids, transformers_model
+
+POLICY, CRITIC, REWARD, REFERENCE = "default", "critic", "reward", "reference"
+RewardFunction = Callable[[list[str], list[str]], list[float]]
+
+
+@dataclass
+class Roles:
+    """The shared base (a PeftModel) and what each role adds to it."""
+
+    model: nn.Module  # PeftModel with the policy adapter, and maybe critic / reward / reference adapters
+    value_head: nn.Linear  # (H -> 1), on the policy's or the critic adapter's hidden state
+    critic_adapter: str | None  # None: shared critic (one forward gives logits and values)
+    reference_adapter: str | None  # None: the base with adapters off
+    reward_head: nn.Linear | None = None  # the reward adapter's score layer
+    reward_model: nn.Module | None = None  # a separate sequence classifier (lora_rl.reward_model.RewardModel)
+    reward_tokenizer: object = None
+    reward_function: RewardFunction | None = None
+    reference_model: nn.Module | None = None  # full fine-tuning only: the frozen base
+    trainable: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+
+    def freeze_plan(self) -> None:
+        """Record which LoRA parameters train (policy, critic) now, to re-apply after every switch."""
+        self.trainable = [(p, _trains(n)) for n, p in self.model.named_parameters() if "lora_" in n]
+        self._apply_plan()
+
+    def _apply_plan(self) -> None:
+        for param, trains in self.trainable:
+            param.requires_grad_(trains)
+
+    @contextmanager
+    def use(self, adapter: str | None) -> Iterator[None]:
+        """Run the block with `adapter` active (None: every adapter off); always restore the previous one."""
+        if not hasattr(self.model, "peft_config"):  # full fine-tuning: one model, nothing to switch
+            yield
+            return
+        previous = self.model.active_adapter
+        try:
+            if adapter is None:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                self.model.set_adapter(adapter)
+                self._apply_plan()
+                yield
+        finally:
+            self.model.set_adapter(previous)
+            self._apply_plan()
+
+    def backbone(self) -> nn.Module:
+        inner = transformers_model(self.model)
+        return getattr(inner, inner.base_model_prefix)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) last hidden states of the active adapter (positions counted over real tokens)."""
+        out = self.backbone()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        )
+        return out.last_hidden_state
+
+
+def _trains(name: str) -> bool:
+    return f".{POLICY}." in name or f".{CRITIC}." in name
+
+
+def attach_critic(model: nn.Module, mode: str) -> tuple[nn.Linear, str | None]:
+    """A zero-initialised value head (values start at 0: no random bias in the first advantages), and for
+    mode "adapter" a critic adapter with the policy's LoRA settings."""
+    hidden = transformers_model(model).config.hidden_size
+    head = nn.Linear(hidden, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    if mode == "shared":
+        return head, None
+    config = copy.deepcopy(model.peft_config[POLICY])
+    config.inference_mode = False
+    model.add_adapter(CRITIC, config)
+    return head, CRITIC
+
+
+def attach_reference(model: nn.Module, reference: str, lora_path: str | None) -> str | None:
+    """The KL reference: None (adapters off), or a frozen copy of the starting adapter on the same base."""
+    if reference == "base":
+        return None
+    model.load_adapter(lora_path, adapter_name=REFERENCE, is_trainable=False)
+    return REFERENCE
+
+
+def attach_reward_adapter(model: nn.Module, adapter_dir: str) -> nn.Linear:
+    """Load a train-reward adapter onto the causal-LM base, plus its score head.
+
+    peft keeps the adapter's LoRA weights but drops its score layer (a causal LM has no `score` module),
+    so the head is read from the adapter's safetensors here.
+    """
+    directory = Path(adapter_dir)
+    checkpoint.verify(directory)
+    saved = json.loads((directory / "adapter_config.json").read_text())
+    if saved.get("task_type") != "SEQ_CLS":
+        raise ModelError(f"reward.adapter: {directory} is a {saved.get('task_type')} adapter; expected SEQ_CLS")
+    problems = base_contradictions(saved, transformers_model(model), directory)
+    if problems:
+        raise ModelError(f"reward.adapter: {directory} does not fit the policy's base: {problems[0]}")
+    model.load_adapter(str(directory), adapter_name=REWARD, is_trainable=False)
+    return _score_head(load_file(directory / "adapter_model.safetensors"), directory)
+
+
+def _score_head(weights: dict[str, torch.Tensor], directory: Path) -> nn.Linear:
+    names = [k for k in weights if k.endswith((".score.weight", ".classifier.weight")) and "lora_" not in k]
+    if not names:
+        raise ModelError(f"reward.adapter: {directory} holds no score head; was it trained with lora-rl train-reward?")
+    weight = weights[names[0]]
+    bias = weights.get(names[0].replace(".weight", ".bias"))
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if bias is not None:
+            head.bias.copy_(bias)
+    return head.requires_grad_(False)
+
+
+def import_reward_function(spec: str) -> RewardFunction:
+    """`package.module:function` -> the callable; a clear error when it cannot be imported."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelError(f"reward.function: got {spec!r}; expected package.module:function")
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ModelError(f"reward.function: cannot import {spec!r} ({err})") from None
+    if not callable(function):
+        raise ModelError(f"reward.function: {spec!r} is not callable")
+    return function
+
+
+@torch.no_grad()
+def adapter_rewards(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) scores from the reward adapter: its hidden state at each row's last real token -> score head."""
+    with roles.use(REWARD):
+        hidden = roles.hidden_states(input_ids, attention_mask)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return roles.reward_head(last.to(roles.reward_head.weight.dtype)).squeeze(-1).float()
+
+
+class ActorCriticOutput(NamedTuple):
+    logprobs: torch.Tensor  # (B, R) float32 log-probs of the response tokens under the policy
+    entropy: torch.Tensor  # (B, R) float32, no grad: a statistic
+    values: torch.Tensor  # (B, R) float32 value of the state before each response token
+
+
+class ActorCritic(nn.Module):
+    """Policy log-probs and values for prompt+response sequences, as one module so that accelerate/DDP
+    wrap its forward. With the shared critic one forward gives both; with a critic adapter, two."""
+
+    def __init__(self, roles: Roles, temperature: float):
+        super().__init__()
+        self.model, self.value_head = roles.model, roles.value_head  # registered: optimised and synchronised
+        self.roles, self.temperature = roles, temperature
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
+        responses = input_ids[:, prompt_width:]
+        with self.roles.use(POLICY):
+            hidden = response_hidden(self.roles, input_ids, attention_mask, prompt_width)
+        logits = output_layer(self.roles)(hidden)  # (B, R, V): the LM head only at response positions
+        logprobs = gather_logprobs(logits, responses, self.temperature)
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits, self.temperature)
+        if self.roles.critic_adapter is not None:
+            with self.roles.use(self.roles.critic_adapter):
+                hidden = response_hidden(self.roles, input_ids, attention_mask, prompt_width)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return ActorCriticOutput(logprobs, entropy, values)
+
+
+def response_hidden(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int):
+    """(B, R, H): the hidden state that predicts each response token (the one at the position before it)."""
+    return roles.hidden_states(input_ids, attention_mask)[:, prompt_width - 1 : -1]
+
+
+def output_layer(roles: Roles) -> nn.Module:
+    return transformers_model(roles.model).get_output_embeddings()
+
+
+@torch.no_grad()
+def reference_logprobs(
+    roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, temperature: float
+) -> torch.Tensor:
+    """(B, R) log-probs of the response tokens under the reference (adapters off, or the starting adapter)."""
+    if roles.reference_model is not None:  # full fine-tuning: a frozen copy of the base
+        reference = Roles(roles.reference_model, roles.value_head, None, None)
+    else:
+        reference = roles
+    with roles.use(roles.reference_adapter):
+        hidden = response_hidden(reference, input_ids, attention_mask, prompt_width)
+    return gather_logprobs(output_layer(reference)(hidden), input_ids[:, prompt_width:], temperature)

@@ -1,0 +1,95 @@
+"""Rollouts: sample completions with the policy, then score them -> a Rollout of tensors that travel together.
+
+Shapes: B prompts, P prompt width (left-padded), R response width (<= max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import torch
+
+from lora_rl import ppo
+from lora_rl.recipe import GenerationConfig
+from lora_rl.reward_model import RewardModel
+from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, reference_logprobs
+
+
+class Rollout(NamedTuple):
+    input_ids: torch.Tensor  # (B, P+R) prompt and response tokens
+    attention_mask: torch.Tensor  # (B, P+R) 1 on real prompt tokens and valid response tokens
+    mask: torch.Tensor  # (B, R) bool: response tokens up to and including the first EOS
+    prompt_width: int  # P
+    has_eos: torch.Tensor  # (B,) bool
+    logprobs: torch.Tensor  # (B, R) float32: the policy's, at sampling time ("old" log-probs)
+    ref_logprobs: torch.Tensor  # (B, R) float32: the reference's
+    values: torch.Tensor  # (B, R) float32: the critic's, at sampling time
+    scores: torch.Tensor  # (B,) float32: raw scores from the reward
+
+
+class Timings(NamedTuple):
+    generate: float
+    score: float
+
+
+@torch.no_grad()
+def generate(roles: Roles, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: GenerationConfig):
+    """(B, P) left-padded prompts -> (B, R) sampled responses (KV cache; stops once every row has EOS)."""
+    roles.model.eval()
+    with roles.use(POLICY):
+        sequences = roles.model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, use_cache=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+    return sequences[:, prompt_ids.shape[1] :]
+
+
+@torch.no_grad()
+def collect(actor_critic: ActorCritic, roles: Roles, tokenizer, prompts: list[str], prompt_ids: torch.Tensor,
+            prompt_mask: torch.Tensor, cfg: GenerationConfig) -> tuple[Rollout, Timings]:  # fmt: skip
+    """Sample, then score: old log-probs and values, reference log-probs, rewards."""
+    started = time.perf_counter()
+    responses = generate(roles, tokenizer, prompt_ids, prompt_mask, cfg)
+    eos = ppo.response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    input_ids = torch.cat([prompt_ids, responses], dim=1)
+    attention_mask = torch.cat([prompt_mask, eos.mask.long()], dim=1)
+    width = prompt_ids.shape[1]
+    generated = time.perf_counter()
+    # Old log-probs come from a full forward pass, not from generate's scores: those are after top-k/top-p
+    # processing and from cached incremental steps, so they would not equal the training forward exactly.
+    out = actor_critic(input_ids, attention_mask, width)
+    ref = reference_logprobs(roles, input_ids, attention_mask, width, cfg.temperature)
+    scores = score(roles, tokenizer, prompts, responses, eos.mask, input_ids, attention_mask)
+    rollout = Rollout(input_ids, attention_mask, eos.mask, width, eos.has_eos, out.logprobs, ref, out.values, scores)
+    return rollout, Timings(generated - started, time.perf_counter() - generated)
+
+
+def score(roles: Roles, tokenizer, prompts: list[str], responses: torch.Tensor, mask: torch.Tensor,
+          input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """(B,) float32 scores from whichever reward the recipe names."""
+    if roles.reward_head is not None:
+        return adapter_rewards(roles, input_ids, attention_mask)
+    completions = decode(tokenizer, responses, mask)
+    if roles.reward_function is not None:
+        values = roles.reward_function(prompts, completions)
+        if len(values) != len(prompts):
+            raise ValueError(f"reward.function returned {len(values)} scores for {len(prompts)} completions")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=responses.device)
+    return model_rewards(roles.reward_model, roles.reward_tokenizer, prompts, completions, responses.device)
+
+
+def decode(tokenizer, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Completion texts, cut after the first EOS, special tokens removed."""
+    return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(responses, mask, strict=True)]
+
+
+@torch.no_grad()
+def model_rewards(model: RewardModel, tokenizer, prompts: list[str], completions: list[str], device) -> torch.Tensor:
+    """Scores from a separate reward model, which may tokenize differently: texts are re-tokenized for it."""
+    from lora_rl.data import pad
+
+    ids = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])["input_ids"]
+    input_ids, attention_mask = pad(ids, tokenizer.pad_token_id, "right")
+    return model(input_ids.to(device), attention_mask.to(device))
