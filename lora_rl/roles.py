@@ -78,17 +78,6 @@ class Roles:
             self.model.set_adapter(previous)
             self._apply_plan()
 
-    def backbone(self) -> nn.Module:
-        inner = transformers_model(self.model)
-        return getattr(inner, inner.base_model_prefix)
-
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) last hidden states of the active adapter (positions counted over real tokens)."""
-        out = self.backbone()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        )
-        return out.last_hidden_state
-
 
 def _trains(name: str) -> bool:
     return f".{POLICY}." in name or f".{CRITIC}." in name
@@ -167,7 +156,7 @@ def import_reward_function(spec: str) -> RewardFunction:
 def adapter_rewards(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) scores from the reward adapter: its hidden state at each row's last real token -> score head."""
     with roles.use(REWARD):
-        hidden = roles.hidden_states(input_ids, attention_mask)
+        hidden = hidden_states(roles.model, input_ids, attention_mask)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
     return roles.reward_head(last.to(roles.reward_head.weight.dtype)).squeeze(-1).float()
 
@@ -190,36 +179,41 @@ class ActorCritic(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
         responses = input_ids[:, prompt_width:]
         with self.roles.use(POLICY):
-            hidden = response_hidden(self.roles, input_ids, attention_mask, prompt_width)
-        logits = output_layer(self.roles)(hidden)  # (B, R, V): the LM head only at response positions
+            hidden = response_hidden(self.roles.model, input_ids, attention_mask, prompt_width)
+            logits = output_layer(self.roles.model)(hidden)  # (B, R, V): the LM head only at response positions
         logprobs = gather_logprobs(logits, responses, self.temperature)
         with torch.no_grad():
             entropy = entropy_from_logits(logits, self.temperature)
         if self.roles.critic_adapter is not None:
             with self.roles.use(self.roles.critic_adapter):
-                hidden = response_hidden(self.roles, input_ids, attention_mask, prompt_width)
+                hidden = response_hidden(self.roles.model, input_ids, attention_mask, prompt_width)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return ActorCriticOutput(logprobs, entropy, values)
 
 
-def response_hidden(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int):
+def response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int):
     """(B, R, H): the hidden state that predicts each response token (the one at the position before it)."""
-    return roles.hidden_states(input_ids, attention_mask)[:, prompt_width - 1 : -1]
+    return hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1 : -1]
 
 
-def output_layer(roles: Roles) -> nn.Module:
-    return transformers_model(roles.model).get_output_embeddings()
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) last hidden states with the active adapter (positions counted over real tokens)."""
+    inner = transformers_model(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))[0]
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    return transformers_model(model).get_output_embeddings()
 
 
 @torch.no_grad()
 def reference_logprobs(
     roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, temperature: float
 ) -> torch.Tensor:
-    """(B, R) log-probs of the response tokens under the reference (adapters off, or the starting adapter)."""
-    if roles.reference_model is not None:  # full fine-tuning: a frozen copy of the base
-        reference = Roles(roles.reference_model, roles.value_head, None, None)
-    else:
-        reference = roles
-    with roles.use(roles.reference_adapter):
-        hidden = response_hidden(reference, input_ids, attention_mask, prompt_width)
-    return gather_logprobs(output_layer(reference)(hidden), input_ids[:, prompt_width:], temperature)
+    """(B, R) log-probs of the response tokens under the reference (adapters off, or the starting adapter;
+    with full fine-tuning, the frozen copy of the base)."""
+    model = roles.reference_model or roles.model
+    with roles.use(roles.reference_adapter):  # the LM head too may carry LoRA: keep it inside the scope
+        logits = output_layer(model)(response_hidden(model, input_ids, attention_mask, prompt_width))
+    return gather_logprobs(logits, input_ids[:, prompt_width:], temperature)
