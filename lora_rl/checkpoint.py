@@ -143,7 +143,11 @@ def save_adapter(model, directory: Path, *, step: int, tokenizer=None, recipe=No
     """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+        # save_embedding_layers=False: with lm_head targeted peft would also save the whole frozen head, which
+        # never changes here (no vocabulary resizing) and is the largest matrix of most models.
+        model.save_pretrained(
+            tmp, selected_adapters=[adapter_name], safe_serialization=True, save_embedding_layers=False
+        )
         if adapter_name != "default":  # peft nests non-default adapters in a sub-folder; flatten it
             for item in (tmp / adapter_name).iterdir():
                 os.replace(item, tmp / item.name)
