@@ -190,6 +190,8 @@ def load_prompts(path: str | Path) -> list[str]:
 def tokenize_prompts(prompts: list[str], tokenizer, max_length: int, chat_template: bool) -> Tokenized:
     """Token ids per prompt (through the chat template when asked); longer prompts keep their last
     max_length tokens, since generation continues from the end. Returned as Tokenized(pairs=ids, ...)."""
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise DataError(["generation.chat_template: true, but the tokenizer has no chat template; set it to false"])
     if chat_template:
         ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for p in prompts]  # fmt: skip

@@ -128,3 +128,31 @@ def test_text_that_tokenizes_to_nothing_is_an_error():
     with pytest.raises(DataError) as err:
         tokenize_pairs(rows, EmptyTokenizer(), max_length=8, drop_long=False)
     assert err.value.problems == ["rows 2: text tokenizes to zero tokens; check the tokenizer and the data"]
+
+
+def test_prompt_rows_are_checked(tmp_path):
+    from lora_rl.data import load_prompts
+
+    path = jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": ""}, {"text": "x"}, {"prompt": 3}])
+    with pytest.raises(DataError) as err:
+        load_prompts(path)
+    assert err.value.problems == [
+        f"{path}: row 2: 'prompt' must be a non-empty string, got ''",
+        f"{path}: row 3: 'prompt' must be a non-empty string, got None",
+        f"{path}: row 4: 'prompt' must be a non-empty string, got 3",
+    ]
+
+
+def test_prompts_keep_their_last_tokens_and_chat_template_needs_one(llama_dir):
+    from transformers import AutoTokenizer
+
+    from lora_rl.data import tokenize_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    result = tokenize_prompts(["the cat is good", "hi"], tokenizer, max_length=3, chat_template=False)
+    assert result.truncated == 1 and result.pairs[0] == tokenizer("the cat is good")["input_ids"][-3:]
+    templated = tokenize_prompts(["the cat"], tokenizer, max_length=32, chat_template=True).pairs[0]
+    assert tokenizer.decode(templated) == "user : the cat answer :"
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match="the tokenizer has no chat template"):
+        tokenize_prompts(["hi"], tokenizer, max_length=8, chat_template=True)
