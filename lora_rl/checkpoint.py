@@ -177,14 +177,15 @@ def _write_common(tmp: Path, tokenizer, recipe, also: Callable[[Path], None] | N
         also(tmp)
 
 
-def start_run_dir(output_dir: str | Path, recipe, overwrite: bool) -> Path:
+def start_run_dir(output_dir: str | Path, recipe, overwrite: bool, resuming: bool = False) -> Path:
     """Create the run's output directory and save the resolved recipe in it.
 
     A directory that already holds a run (metrics.jsonl) is refused unless `overwrite`, which clears
-    that run's metrics and checkpoints first: a new run never appends to an old one's metrics silently.
+    that run's metrics and checkpoints first, or the run is being resumed: a new run never appends to an
+    old one's metrics silently.
     """
     out = Path(output_dir)
-    if (out / "metrics.jsonl").exists():
+    if (out / "metrics.jsonl").exists() and not resuming:
         if not overwrite:
             raise CheckpointError(
                 f"output_dir: {out} already holds a run (metrics.jsonl); choose another output_dir, "
@@ -194,5 +195,19 @@ def start_run_dir(output_dir: str | Path, recipe, overwrite: bool) -> Path:
         for old in [*out.glob("checkpoint-*"), out / "final"]:
             shutil.rmtree(old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_saves(out)
     recipe.save(out / "recipe.yaml")
     return out
+
+
+def recover_interrupted_saves(directory: Path) -> None:
+    """Clean up after a save that was killed: its temporary directory goes; a checkpoint moved aside to be
+    replaced (`.NAME.old-PID`) is put back when its replacement never arrived, else deleted."""
+    for tmp in directory.glob(".*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in directory.glob(".*.old-*"):
+        name = old.name[1:].rsplit(".old-", 1)[0]
+        if (directory / name).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, directory / name)

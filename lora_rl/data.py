@@ -202,3 +202,24 @@ def tokenize_prompts(prompts: list[str], tokenizer, max_length: int, chat_templa
         raise DataError([f"rows {_first(empty)}: prompt tokenizes to zero tokens; check the tokenizer and the data"])
     truncated = sum(len(seq) > max_length for seq in ids)
     return Tokenized([seq[-max_length:] for seq in ids], truncated, 0)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh seeded permutation per epoch, from a given offset: the data position is (epoch, offset),
+    so a resumed run continues with exactly the examples an uninterrupted one would see."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.offset = 0, 0
+
+    def set_position(self, epoch: int, offset: int = 0) -> None:
+        self.epoch, self.offset = epoch, offset
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.offset, self.size))
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(order[self.offset :].tolist())
+
+    def __len__(self) -> int:
+        return self.size - self.offset

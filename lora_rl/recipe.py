@@ -112,7 +112,13 @@ class TrainConfig:
     )
     log_every: int = key(1, "optimizer steps between metric lines", POSITIVE_INT)
     eval_every: int = key(0, "optimizer steps between evaluations; 0 evaluates only at the end", NON_NEGATIVE_INT)
-    save_every: int = key(0, "optimizer steps between checkpoints; 0 saves only at the end", NON_NEGATIVE_INT)
+    save_every: int = key(0, "optimizer steps (ppo: updates) between checkpoints; 0 saves only at the end",
+                          NON_NEGATIVE_INT)  # fmt: skip
+    save_total_limit: int | None = key(None, "keep only the newest N checkpoints (older ones go once a new one is "
+                                       "complete); null keeps all", POSITIVE_INT)  # fmt: skip
+    resume: str | None = key(
+        None, "auto (the latest checkpoint in output_dir, if any), or a checkpoint or run directory"
+    )
 
 
 @dataclass(frozen=True)

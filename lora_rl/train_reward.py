@@ -6,62 +6,95 @@ periodic eval and checkpoints) -> save the final adapter. Reads top to bottom; h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from lora_rl import checkpoint, display
-from lora_rl.data import DataError, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
+from lora_rl import checkpoint, display, train_state
+from lora_rl.data import DataError, EpochSampler, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
 from lora_rl.model import Built, base_fingerprint, build
 from lora_rl.recipe import Recipe, RecipeError
 from lora_rl.reward_model import RewardModel, bradley_terry
+from lora_rl.train_state import Interrupt
 
 
-def run(recipe: Recipe, overwrite: bool = False) -> Path:
-    """Train the reward model the recipe describes; returns the final checkpoint directory."""
+def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False) -> Path:
+    """Train the reward model the recipe describes; returns the final checkpoint directory.
+
+    `resume` (or train.resume): "auto", a checkpoint or a run directory to continue from.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # 1. Everything that can be wrong with the input is found before any model loads.
     check_mixed_precision(recipe.train.mixed_precision)
     train_rows, eval_rows = load_split(recipe)
+    resume_dir = train_state.resolve_resume(resume or recipe.train.resume, recipe.output_dir)
+    if resume_dir:
+        train_state.check_compatible(resume_dir, recipe, allow_changes)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,
     )
     main = accelerator.is_main_process
-    out = checkpoint.start_run_dir(recipe.output_dir, recipe, overwrite) if main else Path(recipe.output_dir)
+    out = Path(recipe.output_dir)
+    if main:
+        checkpoint.start_run_dir(out, recipe, overwrite, resuming=resume_dir is not None)
+    accelerator.wait_for_everyone()
 
-    # 2. Model, data, optimizer.
+    # 2. Model (from the checkpoint when resuming), data, optimizer.
     set_seed(recipe.seed)
-    built = build(recipe, "reward")
+    built = build(resumed_recipe(recipe, resume_dir), "reward")
     if main:
         display.print_model_report(built.report)
     train_set = tokenize(train_rows, built, recipe, "train", main)
     eval_set = tokenize(eval_rows, built, recipe, "eval", main)
     collate = PairCollator(built.tokenizer.pad_token_id, built.tokenizer.padding_side)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    train_loader = DataLoader(train_set, recipe.train.batch_size, shuffle=True, collate_fn=collate, generator=generator)
-    eval_loader = DataLoader(eval_set, recipe.train.batch_size, collate_fn=collate) if eval_set else None
+    sampler = EpochSampler(len(train_set), recipe.seed)
+    # Own generators: a DataLoader iterator otherwise draws its seed from the global RNG, which dropout uses,
+    # and a resumed run (one more iterator) would no longer match the uninterrupted one.
+    train_loader = DataLoader(train_set, recipe.train.batch_size, sampler=sampler, collate_fn=collate,
+                              generator=torch.Generator())  # fmt: skip
+    eval_loader = DataLoader(eval_set, recipe.train.batch_size, collate_fn=collate, generator=torch.Generator())
+    eval_loader = eval_loader if eval_set else None
     model = RewardModel(built.model, built.report.head_module)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    total_steps = recipe.train.max_steps or recipe.train.num_epochs * math.ceil(
-        len(train_loader) / recipe.train.gradient_accumulation_steps
-    )
+    steps_per_epoch = math.ceil(len(train_loader) / recipe.train.gradient_accumulation_steps)
+    total_steps = recipe.train.max_steps or recipe.train.num_epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, recipe, total_steps)
+    position = Position()
+    if resume_dir:
+        saved = train_state.read_state(resume_dir, optimizer, {})
+        scheduler.load_state_dict(saved["scheduler"])
+        position = Position(**saved["position"])
+        if main:
+            train_state.trim_metrics(out / "metrics.jsonl", "step", position.step)
 
     # 3. Train: one optimizer step per `gradient_accumulation_steps` micro-batches.
     def save(name: str, step: int) -> Path:
-        return save_checkpoint(accelerator, model, built, recipe, out / name, step)
+        def state(tmp: Path) -> None:
+            train_state.write_state(tmp, optimizer, {"position": position.__dict__,
+                                                     "scheduler": scheduler.state_dict()}, {})  # fmt: skip
 
-    step, window, started = 0, Window(), time.perf_counter()
-    with display.Progress(total_steps, "train", enabled=main) as progress:
-        while step < total_steps:
+        directory = save_checkpoint(accelerator, model, built, recipe, out / name, step, also=state)
+        if main:
+            train_state.rotate(out, recipe.train.save_total_limit)
+        return directory
+
+    per_micro_batch = recipe.train.batch_size * accelerator.num_processes
+    window, started = Window(), time.perf_counter()
+    window.load(position.window)
+    with display.Progress(total_steps, "train", enabled=main) as progress, Interrupt().installed() as interrupt:
+        progress.update(position.step, {})
+        while position.step < total_steps:
+            sampler.set_position(position.epoch, position.offset)
             for batch in train_loader:
                 model.train()
                 with accelerator.accumulate(model):
@@ -74,29 +107,67 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window.add(out_, len(chosen))
+                position.offset += per_micro_batch
                 if not accelerator.sync_gradients:
                     continue
-                step += 1
+                position.step += 1
                 scheduler.step()
-                if step % recipe.train.log_every == 0 or step == total_steps:
-                    record = window.flush(accelerator, step, scheduler.get_last_lr()[0], time.perf_counter())
+                if position.step % recipe.train.log_every == 0 or position.step == total_steps:
+                    record = window.flush(accelerator, position.step, scheduler.get_last_lr()[0], time.perf_counter())
                     log(out, record, main)
-                    progress.update(
-                        step, {"loss": record["loss"], "acc": record["accuracy"], "pairs/s": record["pairs_per_s"]}
-                    )
+                    metrics = {"loss": record["loss"], "acc": record["accuracy"], "pairs/s": record["pairs_per_s"]}
+                    progress.update(position.step, metrics)
+                step = position.step
                 if recipe.train.eval_every and step % recipe.train.eval_every == 0 and step < total_steps:
                     log(out, evaluate(model, eval_loader, accelerator, step), main, progress)
+                if position.offset >= len(train_set):  # the epoch is over: the next step starts a new one
+                    position.epoch, position.offset = position.epoch + 1, 0
+                position.window = window.state()
+                if interrupt.requested and step < total_steps:
+                    raise Interrupted(save(f"checkpoint-{step}", step), step)
                 if recipe.train.save_every and step % recipe.train.save_every == 0 and step < total_steps:
                     save(f"checkpoint-{step}", step)
                 if step >= total_steps:
                     break
+            else:  # accelerate steps at the end of the loader, so an epoch normally ends on a step boundary
+                if position.offset:
+                    position.epoch, position.offset = position.epoch + 1, 0
 
     # 4. Final evaluation and adapter.
-    log(out, evaluate(model, eval_loader, accelerator, step), main)
-    final = save("final", step)
+    log(out, evaluate(model, eval_loader, accelerator, position.step), main)
+    final = save("final", position.step)
     if main:
         display.console.print(f"saved {final} ({time.perf_counter() - started:.0f}s)", highlight=False)
     return final
+
+
+@dataclass
+class Position:
+    """Where a run is: optimizer steps done, and the next example's (epoch, offset) in the data order."""
+
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0
+    window: dict = field(default_factory=dict)  # metric sums since the last log line
+
+
+class Interrupted(Exception):
+    """Ctrl-C: a checkpoint was written at a step boundary; the run can be resumed from it."""
+
+    def __init__(self, directory: Path, step: int):
+        self.directory, self.step = directory, step
+        super().__init__(f"interrupted at step {step}; saved {directory}; continue with --resume {directory}")
+
+
+def resumed_recipe(recipe: Recipe, resume_dir: Path | None) -> Recipe:
+    """The recipe to build the model from: when resuming, the weights come from the checkpoint."""
+    if resume_dir is None:
+        return recipe
+    model = recipe.actor.model
+    changed = {"lora_path": str(resume_dir)} if model.is_lora else {"path": str(resume_dir)}
+    return dataclasses.replace(
+        recipe, actor=dataclasses.replace(recipe.actor, model=dataclasses.replace(model, **changed))
+    )
 
 
 def check_mixed_precision(precision: str) -> None:
@@ -145,6 +216,13 @@ class Window:
     def __init__(self):
         self.sums, self.pairs, self.since = torch.zeros(4), 0, time.perf_counter()
 
+    def state(self) -> dict:
+        return {"sums": self.sums.tolist(), "pairs": self.pairs}
+
+    def load(self, state: dict) -> None:
+        if state:
+            self.sums, self.pairs = torch.tensor(state["sums"]), state["pairs"]
+
     def add(self, out, pairs: int) -> None:
         values = torch.stack([out.loss.detach(), out.accuracy, out.margin.detach(), torch.tensor(1.0)]).cpu()
         self.sums += values
@@ -185,13 +263,13 @@ def log(out: Path, record: dict, main: bool, progress: display.Progress | None =
         (progress.note if progress else display.console.print)(line)
 
 
-def save_checkpoint(accelerator, model, built: Built, recipe: Recipe, directory: Path, step: int) -> Path:
+def save_checkpoint(accelerator, model, built: Built, recipe: Recipe, directory: Path, step: int, also=None) -> Path:
     """The adapter (or the full model) with tokenizer and recipe, written by the main process only."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model).model
         extra = {"base_fingerprint": base_fingerprint(inner.config)}
         save = checkpoint.save_adapter if recipe.actor.model.is_lora else checkpoint.save_full_model
-        save(inner, directory, step=step, tokenizer=built.tokenizer, recipe=recipe, extra=extra)
+        save(inner, directory, step=step, tokenizer=built.tokenizer, recipe=recipe, extra=extra, also=also)
     accelerator.wait_for_everyone()
     return directory

@@ -87,3 +87,16 @@ def test_pickle_weights_refused_unless_opted_in(tmp_path):
     checkpoint.refuse_pickle(tmp_path, allow_pickle=True)
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     checkpoint.refuse_pickle(tmp_path, allow_pickle=False)  # safetensors present: those are read
+
+
+def test_restart_recovers_from_a_killed_save(tmp_path):
+    from lora_rl.checkpoint import recover_interrupted_saves
+
+    (tmp_path / ".checkpoint-4.tmp-abc").mkdir()  # a save killed before its rename
+    (tmp_path / ".final.old-123").mkdir()  # killed between moving final aside and renaming the new one in
+    (tmp_path / ".final.old-123" / "w.safetensors").write_bytes(b"previous")
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / ".checkpoint-2.old-9").mkdir()  # replaced successfully, only the deletion was missed
+    recover_interrupted_saves(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "final"]
+    assert (tmp_path / "final" / "w.safetensors").read_bytes() == b"previous"

@@ -1,0 +1,172 @@
+"""What a run needs beyond its weights to resume exactly: optimizer, scheduler, RNG, counters, data position.
+
+Written into each checkpoint directory next to the adapter, without pickle: tensors in safetensors
+(`optimizer.safetensors`, `rng.safetensors`), everything else in `trainer_state.json`. On CPU a resumed
+run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_rl import checkpoint
+from lora_rl.recipe import Recipe, RecipeError, load_recipe
+
+STATE = "trainer_state.json"
+# Keys whose change makes a resumed run a different run (data order, batch composition, schedule).
+PINNED_KEYS = (
+    "seed", "train.batch_size", "train.gradient_accumulation_steps", "train.num_epochs", "train.max_steps",
+    "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio", "ppo.rollout_batch_size",
+    "ppo.num_updates", "ppo.ppo_epochs",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_state(directory: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                generators: dict[str, torch.Generator]) -> None:  # fmt: skip
+    """Optimizer tensors, RNG states and `state` (JSON: counters, scheduler, controllers) into `directory`."""
+    tensors, groups = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, directory / "optimizer.safetensors")
+    rng = {"torch": torch.get_rng_state(), **{f"generator.{k}": g.get_state() for k, g in generators.items()}}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, directory / "rng.safetensors")
+    numpy_state = np.random.get_state()
+    payload = {**state, "optimizer_param_groups": groups, "python_rng": _jsonable(random.getstate()),
+               "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}  # fmt: skip
+    (directory / STATE).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors = {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            tensors[f"{index}.{name}"] = torch.as_tensor(value).contiguous()
+    return tensors, state_dict["param_groups"]
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_state(directory: Path, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]) -> dict:
+    """Restore optimizer and RNG states from `directory`; return the JSON state (counters etc.)."""
+    payload = json.loads((directory / STATE).read_text())
+    tensors = load_file(directory / "optimizer.safetensors")
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": payload["optimizer_param_groups"]})
+    rng = load_file(directory / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    for name, generator in generators.items():
+        generator.set_state(rng[f"generator.{name}"])
+    if torch.cuda.is_available() and "cuda.0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())])
+    random.setstate(_tuples(payload["python_rng"]))
+    kind, keys, *rest = payload["numpy_rng"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    return payload
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+# ---------------------------------------------------------------- choosing and checking a checkpoint
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint-N directories (with a trainer state), oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted((p for p in found if (p / STATE).is_file()), key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
+    """The checkpoint to resume from: a checkpoint directory, a run directory (its latest checkpoint), or
+    "auto" (the latest in output_dir, or None to start fresh)."""
+    if resume is None:
+        return None
+    path = Path(output_dir if resume == "auto" else resume)
+    if (path / STATE).is_file():
+        return path
+    found = checkpoints(path)
+    if found:
+        return found[-1]
+    if resume == "auto":
+        return None
+    raise RecipeError([f"resume: {resume!r} holds no checkpoint with {STATE}; expected a checkpoint or run directory"])
+
+
+def check_compatible(directory: Path, recipe: Recipe, allow_changes: bool) -> None:
+    """Refuse to resume a run whose seed, batch sizes or schedule changed, unless the user says so."""
+    checkpoint.verify(directory)
+    saved = load_recipe(directory / "recipe.yaml").to_dict()
+    ours = recipe.to_dict()
+    changed = [f"{key}: {_get(saved, key)!r} -> {_get(ours, key)!r}" for key in PINNED_KEYS
+               if _get(saved, key) != _get(ours, key)]  # fmt: skip
+    if changed and not allow_changes:
+        raise RecipeError([f"resume: {directory} was made with other settings ({'; '.join(changed)}); "
+                           "the resumed run would not continue it. Pass --allow-changes to resume anyway"])  # fmt: skip
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def trim_metrics(path: Path, key: str, last: int) -> None:
+    """Drop metric lines written after the checkpoint being resumed (they will be written again)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line).get(key, 0) <= last]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def rotate(output_dir: Path, keep: int | None) -> None:
+    """Delete the oldest checkpoints beyond `keep` — only ever called after a new one is complete."""
+    if keep:
+        for old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+class Interrupt:
+    """The first SIGINT only sets `requested`: the loop saves at the next step boundary and exits.
+    A second SIGINT interrupts at once, as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextmanager
+    def installed(self) -> Iterator[Interrupt]:
+        def handler(signum, frame) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
