@@ -135,7 +135,8 @@ def refuse_pickle(directory: Path, allow_pickle: bool) -> None:
 
 
 def save_adapter(model, directory: Path, *, step: int, tokenizer=None, recipe=None, adapter_name: str = "default",
-                 extra: dict | None = None, also: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
+                 extra: dict | None = None, also: Callable[[Path], None] | None = None,
+                 state_dict: dict | None = None) -> Path:  # fmt: skip
     """Save one peft adapter so that `PeftModel.from_pretrained(base, directory)` loads it.
 
     Writes adapter_config.json, adapter_model.safetensors, the tokenizer, the resolved recipe.yaml,
@@ -158,11 +159,11 @@ def save_adapter(model, directory: Path, *, step: int, tokenizer=None, recipe=No
 
 
 def save_full_model(model, directory: Path, *, step: int, tokenizer=None, recipe=None, extra: dict | None = None,
-                    also: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
+                    also: Callable[[Path], None] | None = None, state_dict: dict | None = None) -> Path:  # fmt: skip
     """Save a fully fine-tuned model (safetensors) the same atomic way as an adapter."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         _write_common(tmp, tokenizer, recipe, also)
 
     return write_atomically(directory, write, step, extra)
@@ -175,6 +176,13 @@ def _write_common(tmp: Path, tokenizer, recipe, also: Callable[[Path], None] | N
         recipe.save(tmp / "recipe.yaml")
     if also is not None:
         also(tmp)
+
+
+def gathered_state_dict(accelerator, wrapper, prefix: str = "model.") -> dict:
+    """The full state dict of `wrapper.model`, gathered from every rank (FSDP / ZeRO-3 shard it): every
+    process must call this; only the main process then writes."""
+    state = accelerator.get_state_dict(wrapper)
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def start_run_dir(output_dir: str | Path, recipe, overwrite: bool, resuming: bool = False) -> Path:

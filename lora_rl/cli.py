@@ -37,6 +37,15 @@ OverwriteOpt = Annotated[
 ]
 
 
+ResumeOpt = Annotated[
+    str | None,
+    typer.Option("--resume", help="Continue from a checkpoint, or a run directory's latest one; 'auto': output_dir's."),
+]
+AllowChangesOpt = Annotated[
+    bool, typer.Option("--allow-changes", help="Resume even though seed, batch sizes or schedule changed.")
+]
+
+
 class Purpose(str, Enum):
     ppo = "ppo"
     train_reward = "train-reward"
@@ -59,15 +68,22 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+@contextmanager
+def interrupted() -> Iterator[None]:
+    """Ctrl-C saved a checkpoint at a step boundary: say where, exit 130 like an interrupted shell command."""
+    from lora_rl.train_state import Interrupted
+
+    try:
+        yield
+    except Interrupted as err:
+        display.print_warnings([str(err)])
+        raise typer.Exit(130) from None
+
+
 def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
     resolved = load_recipe(recipe, overrides or [])
     display.print_warnings(recipe_warnings(resolved))
     return resolved
-
-
-def _not_implemented(command: str, issue: str) -> None:
-    display.print_problems([f"`lora-rl {command}` is not implemented yet ({issue}); its arguments are final"])
-    raise typer.Exit(1)
 
 
 def _version(value: bool) -> None:
@@ -111,7 +127,13 @@ def validate(
 
 
 @app.command("train-reward")
-def train_reward(recipe: RecipeArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
+def train_reward(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = None,
+    allow_changes: AllowChangesOpt = False,
+) -> None:
     """Train a pairwise (Bradley-Terry) reward model with LoRA from RECIPE.
 
     Reads preference pairs (chosen, rejected, optional prompt and margin) from data.train_path; writes
@@ -119,16 +141,32 @@ def train_reward(recipe: RecipeArg, overrides: OverridesArg = None, overwrite: O
     """
     from lora_rl import train_reward as command
 
-    with user_errors():
-        command.run(_load(recipe, overrides), overwrite=overwrite)
+    with user_errors(), interrupted():
+        command.run(_load(recipe, overrides), overwrite=overwrite, resume=resume, allow_changes=allow_changes)
 
 
 @app.command()
-def ppo(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-    """Run PPO with a LoRA policy on one shared frozen base, from RECIPE."""
-    with user_errors():
-        _load(recipe, overrides)
-    _not_implemented("ppo", "issue 5")
+def ppo(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = None,
+    allow_changes: AllowChangesOpt = False,
+) -> None:
+    """Run PPO with a LoRA policy on one shared frozen base, from RECIPE.
+
+    Prompts come from data.train_path (a 'prompt' column); scores from reward.adapter, reward.model or
+    reward.function. Writes metrics.jsonl, checkpoint-N/ every train.save_every updates and final/ (the
+    policy adapter, loadable with plain peft) to output_dir.
+    """
+    from lora_rl import train_ppo
+
+    with user_errors(), interrupted():
+        try:
+            train_ppo.run(_load(recipe, overrides), overwrite=overwrite, resume=resume, allow_changes=allow_changes)
+        except train_ppo.BadUpdate as err:
+            display.print_problems([str(err)])
+            raise typer.Exit(1) from None
 
 
 class Dtype(str, Enum):
@@ -148,11 +186,25 @@ def merge(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT_DIR.")] = False,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the merged-vs-adapter output check.")] = False,
     streaming: Annotated[
-        bool, typer.Option("--streaming", help="Merge tensor by tensor over the base's safetensors shards.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--streaming/--in-memory",
+            help="Merge tensor by tensor over the base's safetensors shards, or in memory with peft; "
+            "default: streaming when the base in float32 needs more than half the available memory.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Fold the adapter in ADAPTER_DIR into its base and save a plain transformers model to OUT_DIR."""
-    _not_implemented("merge", "issue 6")
+    """Fold the adapter in ADAPTER_DIR into its base and save a plain transformers model to OUT_DIR.
+
+    Works for causal-LM adapters and reward (SEQ_CLS) adapters; the merged model is checked against the
+    adapter on probe inputs unless --no-check, and nothing is written to OUT_DIR unless every step succeeds.
+    """
+    from lora_rl import merge as command
+
+    with user_errors():
+        command.run(adapter_dir, out_dir, base=base, dtype=dtype.value if dtype else None, force=force,
+                    check=not no_check, streaming=streaming)  # fmt: skip
 
 
 @app.command()
@@ -168,5 +220,12 @@ def load(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 32,
     score: Annotated[bool, typer.Option("--score", help="Print rewards (reward adapters) instead.")] = False,
 ) -> None:
-    """Load a base once, attach adapters, and compare the base and each adapter side by side."""
-    _not_implemented("load", "issue 6")
+    """Load a base once, attach adapters, and compare the base and each adapter side by side.
+
+    Greedy completions of the prompts by the base (adapters disabled) and by each adapter in turn; with
+    --score, the rewards that each reward adapter gives the prompts.
+    """
+    from lora_rl import load as command
+
+    with user_errors():
+        command.run(base_or_adapter, adapter or [], prompt or [], prompts_file, max_new_tokens, score)

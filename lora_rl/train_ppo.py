@@ -9,61 +9,87 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from lora_rl import checkpoint, display, ppo
+from lora_rl import checkpoint, display, ppo, train_state
 from lora_rl.data import load_prompts, pad, tokenize_prompts
 from lora_rl.model import Built, ModelError, base_fingerprint, build
 from lora_rl.recipe import Recipe, RecipeError
-from lora_rl.roles import POLICY, ActorCritic, Roles, attach_critic, attach_reference, attach_reward_adapter
+from lora_rl.roles import CRITIC, POLICY, ActorCritic, Roles, attach_critic, attach_reference, attach_reward_adapter
 from lora_rl.rollout import Rollout, collect
+from lora_rl.train_state import Interrupt, Interrupted
 
 
 class BadUpdate(Exception):
     """A non-finite value at an update: nothing from this update is applied or saved."""
 
 
-def run(recipe: Recipe, overwrite: bool = False) -> Path:
-    """Run the PPO recipe; returns the final policy adapter directory."""
+def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False) -> Path:
+    """Run the PPO recipe; returns the final policy adapter directory.
+
+    `resume` (or train.resume): "auto", a checkpoint or a run directory to continue from.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # 1. Everything that can be wrong with the input, before any model loads.
     check_recipe(recipe)
     prompts = load_prompts(recipe.data.train_path)
-    if len(prompts) < recipe.ppo.rollout_batch_size:
-        raise RecipeError([f"ppo.rollout_batch_size: {recipe.ppo.rollout_batch_size} exceeds the {len(prompts)} "
-                           f"prompts in {recipe.data.train_path}"])  # fmt: skip
     reward_function = import_reward(recipe)
+    resume_dir = train_state.resolve_resume(resume or recipe.train.resume, recipe.output_dir)
+    if resume_dir:
+        train_state.check_compatible(resume_dir, recipe, allow_changes)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)  # accumulation is handled below
+    check_launch(accelerator, recipe, len(prompts))
     main = accelerator.is_main_process
-    out = checkpoint.start_run_dir(recipe.output_dir, recipe, overwrite) if main else Path(recipe.output_dir)
+    out = Path(recipe.output_dir)
+    if main:
+        checkpoint.start_run_dir(out, recipe, overwrite, resuming=resume_dir is not None)
+    accelerator.wait_for_everyone()
 
-    # 2. One base, every role.
+    # 2. One base, every role (the policy, value head and critic from the checkpoint when resuming).
     set_seed(recipe.seed)
-    built = build(recipe, "causal-lm")
+    built = build(train_state.resumed_recipe(recipe, resume_dir), "causal-lm")
     if main:
         display.print_model_report(built.report)
-    roles = setup_roles(built, recipe, reward_function)
+    roles = setup_roles(built, recipe, reward_function, resume_dir)
     actor_critic = ActorCritic(roles, recipe.generation.temperature)
     params = [p for p in actor_critic.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
-    loader = prompt_loader(prompts, built.tokenizer, recipe)
-    trained, optimizer, loader = accelerator.prepare(actor_critic, optimizer, loader)
+    trained, optimizer = accelerator.prepare(actor_critic, optimizer)
+    batches = PromptBatches(prompts, built.tokenizer, recipe, accelerator.process_index, accelerator.num_processes)
     kl_control = kl_controller(recipe)
     moments = ppo.RunningMoments() if recipe.ppo.normalize_rewards else None
-    generator = torch.Generator().manual_seed(recipe.seed)
+    generators = {"minibatch": torch.Generator().manual_seed(recipe.seed)}
+    position = Position()
+    if resume_dir:
+        saved = train_state.read_state(resume_dir, optimizer, generators)
+        position = Position(**saved["position"])
+        kl_control.load_state_dict(saved["kl_controller"])
+        if moments is not None:
+            moments.load_state_dict(saved["reward_moments"])
+        if main:
+            train_state.trim_metrics(out / "metrics.jsonl", "update", position.update)
 
     def save(name: str, update: int) -> Path:
-        return save_policy(accelerator, roles, built, recipe, out / name, update)
+        state = {"position": position.__dict__, "kl_controller": kl_control.state_dict(),
+                 "reward_moments": moments.state_dict() if moments else None}  # fmt: skip
+        directory = save_policy(accelerator, roles, built, recipe, out / name, update,
+                                lambda tmp: train_state.write_state(tmp, optimizer, state, generators))  # fmt: skip
+        if main:
+            train_state.rotate(out, recipe.train.save_total_limit)
+        return directory
 
-    bad_in_a_row, last_saved, batches = 0, 0, cycle(loader)
-    with display.Progress(recipe.ppo.num_updates, "ppo", enabled=main) as progress:
-        for update in range(1, recipe.ppo.num_updates + 1):
-            prompt_texts, prompt_ids, prompt_mask = next(batches)
+    total = recipe.ppo.num_updates
+    with display.Progress(total, "ppo", enabled=main) as progress, Interrupt().installed() as interrupt:
+        progress.update(position.update, {})
+        while position.update < total:
+            position.update += 1
+            update = position.update
+            prompt_texts, prompt_ids, prompt_mask = batches.next(position)
             try:
                 # (1)-(2) sample with the policy; old log-probs, values, reference log-probs, scores
                 rollout, timings = collect(actor_critic, roles, built.tokenizer, prompt_texts, prompt_ids, prompt_mask,
@@ -79,15 +105,15 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
                 # (5) PPO epochs over micro-batches, an optimizer step per accumulation group
                 started = time.perf_counter()
                 stats = optimise(accelerator, trained, optimizer, params, rollout, advantages, returns, recipe,
-                                 generator, update)  # fmt: skip
+                                 generators["minibatch"], update)  # fmt: skip
             except BadUpdate as err:
-                bad_in_a_row += 1
-                display.print_warnings([f"{err}; update skipped ({bad_in_a_row} in a row)"])
-                if bad_in_a_row >= recipe.ppo.max_bad_updates:
-                    raise BadUpdate(f"stopping: {bad_in_a_row} consecutive updates with non-finite values "
+                position.bad_in_a_row += 1
+                display.print_warnings([f"{err}; update skipped ({position.bad_in_a_row} in a row)"])
+                if position.bad_in_a_row >= recipe.ppo.max_bad_updates:
+                    raise BadUpdate(f"stopping: {position.bad_in_a_row} consecutive updates with non-finite values "
                                     f"(ppo.max_bad_updates: {recipe.ppo.max_bad_updates})") from None  # fmt: skip
                 continue
-            bad_in_a_row = 0
+            position.bad_in_a_row = 0
             # (6) KL controller: per-sequence KL summed over tokens, averaged over the batch
             sequence_kl = accelerator.reduce((kl * rollout.mask).sum(1).mean(), "mean").item()
             kl_control.update(sequence_kl, len(scores) * accelerator.num_processes)
@@ -98,17 +124,52 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
                 display.append_metrics(out / "metrics.jsonl", record)
             progress.update(update, {"reward": record["reward"], "kl": record["kl"], "len": record["response_length"]})
             # (8) checkpoint, never from a skipped update
-            if (
-                recipe.train.save_every
-                and update - last_saved >= recipe.train.save_every
-                and update < recipe.ppo.num_updates
-            ):
+            if interrupt.requested and update < total:
+                raise Interrupted(save(f"checkpoint-{update}", update), update)
+            if recipe.train.save_every and update - position.last_saved >= recipe.train.save_every and update < total:
+                position.last_saved = update
                 save(f"checkpoint-{update}", update)
-                last_saved = update
-    final = save("final", recipe.ppo.num_updates)
+    final = save("final", total)
     if main:
         display.console.print(f"saved {final}", highlight=False)
     return final
+
+
+@dataclass
+class Position:
+    """Where a PPO run is: updates done, the next prompt's (epoch, offset), and the guards' counters."""
+
+    update: int = 0
+    epoch: int = 0
+    offset: int = 0
+    last_saved: int = 0
+    bad_in_a_row: int = 0
+
+
+class PromptBatches:
+    """Each update's prompts for this process: a seeded order per epoch (full batches only), dealt out to
+    the processes in turn, so the data position is (epoch, offset) for every process count."""
+
+    def __init__(self, prompts: list[str], tokenizer, recipe: Recipe, rank: int, world: int):
+        tokenized = tokenize_prompts(prompts, tokenizer, recipe.data.max_length, recipe.generation.chat_template)
+        if tokenized.truncated and rank == 0:
+            display.print_warnings(
+                [f"{tokenized.truncated} prompts exceed data.max_length: their last tokens are kept"]
+            )
+        self.texts, self.ids, self.pad_id = prompts, tokenized.pairs, tokenizer.pad_token_id
+        self.size, self.seed, self.rank, self.world = recipe.ppo.rollout_batch_size, recipe.seed, rank, world
+
+    def next(self, position: Position) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """(texts, (B, P) left-padded ids, mask) for this process; advances `position`."""
+        per_update = self.size * self.world
+        if position.offset + per_update > len(self.texts):
+            position.epoch, position.offset = position.epoch + 1, 0
+        order = torch.randperm(len(self.texts), generator=torch.Generator().manual_seed(self.seed + position.epoch))
+        start = position.offset + self.rank * self.size
+        chosen = order[start : start + self.size].tolist()
+        position.offset += per_update
+        ids, mask = pad([self.ids[i] for i in chosen], self.pad_id, "left")  # generation continues at the end
+        return [self.texts[i] for i in chosen], ids, mask
 
 
 # ---------------------------------------------------------------- checks and setup
@@ -143,14 +204,30 @@ def check_recipe(recipe: Recipe) -> None:
         raise RecipeError(problems)
 
 
+def check_launch(accelerator, recipe: Recipe, prompts: int) -> None:
+    """Problems that depend on how the command was launched."""
+    problems = []
+    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        problems.append(f"ppo: {accelerator.distributed_type.value} is not supported yet (generation needs whole "
+                        "parameters, and PPO accumulates gradients itself): launch with "
+                        "recipes/accelerate/multi_gpu.yaml (DDP)")  # fmt: skip
+    needed = recipe.ppo.rollout_batch_size * accelerator.num_processes
+    if prompts < needed:
+        problems.append(f"ppo.rollout_batch_size: {recipe.ppo.rollout_batch_size} x {accelerator.num_processes} "
+                        f"process(es) needs {needed} prompts; {recipe.data.train_path} has {prompts}")  # fmt: skip
+    if problems:
+        raise RecipeError(problems)
+
+
 def import_reward(recipe: Recipe):
     from lora_rl.roles import import_reward_function
 
     return import_reward_function(recipe.reward.function) if recipe.reward.function else None
 
 
-def setup_roles(built: Built, recipe: Recipe, reward_function) -> Roles:
-    """Attach critic, reference and reward to the policy's base; freeze all but policy, critic and heads."""
+def setup_roles(built: Built, recipe: Recipe, reward_function, resume_dir: Path | None = None) -> Roles:
+    """Attach critic, reference and reward to the policy's base; freeze all but policy, critic and heads.
+    When resuming, the value head and critic adapter come from the checkpoint."""
     model, cfg = built.model, recipe.actor.model
     if cfg.is_lora:
         value_head, critic = attach_critic(model, recipe.critic.mode)
@@ -167,8 +244,20 @@ def setup_roles(built: Built, recipe: Recipe, reward_function) -> Roles:
     elif recipe.reward.model:
         roles.reward_model, roles.reward_tokenizer = load_reward_model(recipe)
     roles.reward_function = reward_function
+    if resume_dir:
+        load_critic(roles, resume_dir)
     roles.freeze_plan()
     return roles
+
+
+def load_critic(roles: Roles, directory: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    roles.value_head.load_state_dict(load_file(directory / "value_head.safetensors"))
+    if roles.critic_adapter:
+        weights = load_file(directory / CRITIC / "adapter_model.safetensors")
+        set_peft_model_state_dict(roles.model, weights, adapter_name=CRITIC)
 
 
 def load_reward_model(recipe: Recipe):
@@ -191,26 +280,6 @@ def kl_controller(recipe: Recipe) -> ppo.FixedKLController:
     if recipe.ppo.adaptive_kl:
         return ppo.AdaptiveKLController(recipe.ppo.kl_coef, recipe.ppo.target_kl, recipe.ppo.kl_horizon)
     return ppo.FixedKLController(recipe.ppo.kl_coef)
-
-
-def prompt_loader(prompts: list[str], tokenizer, recipe: Recipe) -> DataLoader:
-    """Batches of (texts, (B, P) left-padded ids, mask), reshuffled every pass; full batches only."""
-    tokenized = tokenize_prompts(prompts, tokenizer, recipe.data.max_length, recipe.generation.chat_template)
-    if tokenized.truncated:
-        display.print_warnings([f"{tokenized.truncated} prompts exceed data.max_length: their last tokens are kept"])
-
-    def collate(items: list[tuple[str, list[int]]]):
-        ids, mask = pad([seq for _, seq in items], tokenizer.pad_token_id, "left")  # generation continues at the end
-        return [text for text, _ in items], ids, mask
-
-    generator = torch.Generator().manual_seed(recipe.seed)
-    return DataLoader(list(zip(prompts, tokenized.pairs, strict=True)), recipe.ppo.rollout_batch_size, shuffle=True,
-                      drop_last=True, collate_fn=collate, generator=generator)  # fmt: skip
-
-
-def cycle(loader: DataLoader):
-    while True:
-        yield from loader
 
 
 # ---------------------------------------------------------------- one update
@@ -302,8 +371,10 @@ def update_metrics(accelerator, update: int, rollout: Rollout, kl, sequence_kl: 
     }  # fmt: skip
 
 
-def save_policy(accelerator, roles: Roles, built: Built, recipe: Recipe, directory: Path, update: int) -> Path:
-    """The policy adapter (plain peft layout, loadable and mergeable), its value head, tokenizer and recipe."""
+def save_policy(accelerator, roles: Roles, built: Built, recipe: Recipe, directory: Path, update: int,
+                write_state) -> Path:  # fmt: skip
+    """The policy adapter (plain peft layout, loadable and mergeable), its value head, the critic adapter
+    (in critic/), tokenizer, recipe and what resuming needs."""
     from safetensors.torch import save_file
 
     accelerator.wait_for_everyone()
@@ -313,6 +384,9 @@ def save_policy(accelerator, roles: Roles, built: Built, recipe: Recipe, directo
         def value_head(tmp: Path) -> None:
             state = {k: v.detach().contiguous().cpu() for k, v in roles.value_head.state_dict().items()}
             save_file(state, tmp / "value_head.safetensors")
+            if roles.critic_adapter:  # peft puts a non-default adapter in a sub-folder of its name
+                roles.model.save_pretrained(tmp, selected_adapters=[CRITIC], save_embedding_layers=False)
+            write_state(tmp)
 
         if recipe.actor.model.is_lora:
             checkpoint.save_adapter(roles.model, directory, step=update, tokenizer=built.tokenizer, recipe=recipe,

@@ -6,7 +6,6 @@ periodic eval and checkpoints) -> save the final adapter. Reads top to bottom; h
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from lora_rl.data import DataError, EpochSampler, Pair, PairCollator, load_pairs
 from lora_rl.model import Built, base_fingerprint, build
 from lora_rl.recipe import Recipe, RecipeError
 from lora_rl.reward_model import RewardModel, bradley_terry
-from lora_rl.train_state import Interrupt
+from lora_rl.train_state import Interrupt, Interrupted
 
 
 def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False) -> Path:
@@ -49,7 +48,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
 
     # 2. Model (from the checkpoint when resuming), data, optimizer.
     set_seed(recipe.seed)
-    built = build(resumed_recipe(recipe, resume_dir), "reward")
+    built = build(train_state.resumed_recipe(recipe, resume_dir), "reward")
     if main:
         display.print_model_report(built.report)
     train_set = tokenize(train_rows, built, recipe, "train", main)
@@ -151,25 +150,6 @@ class Position:
     window: dict = field(default_factory=dict)  # metric sums since the last log line
 
 
-class Interrupted(Exception):
-    """Ctrl-C: a checkpoint was written at a step boundary; the run can be resumed from it."""
-
-    def __init__(self, directory: Path, step: int):
-        self.directory, self.step = directory, step
-        super().__init__(f"interrupted at step {step}; saved {directory}; continue with --resume {directory}")
-
-
-def resumed_recipe(recipe: Recipe, resume_dir: Path | None) -> Recipe:
-    """The recipe to build the model from: when resuming, the weights come from the checkpoint."""
-    if resume_dir is None:
-        return recipe
-    model = recipe.actor.model
-    changed = {"lora_path": str(resume_dir)} if model.is_lora else {"path": str(resume_dir)}
-    return dataclasses.replace(
-        recipe, actor=dataclasses.replace(recipe.actor, model=dataclasses.replace(model, **changed))
-    )
-
-
 def check_mixed_precision(precision: str) -> None:
     if precision == "fp16" and not torch.cuda.is_available():
         raise RecipeError(
@@ -265,11 +245,12 @@ def log(out: Path, record: dict, main: bool, progress: display.Progress | None =
 
 def save_checkpoint(accelerator, model, built: Built, recipe: Recipe, directory: Path, step: int, also=None) -> Path:
     """The adapter (or the full model) with tokenizer and recipe, written by the main process only."""
-    accelerator.wait_for_everyone()
+    state = checkpoint.gathered_state_dict(accelerator, model)
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model).model
         extra = {"base_fingerprint": base_fingerprint(inner.config)}
         save = checkpoint.save_adapter if recipe.actor.model.is_lora else checkpoint.save_full_model
-        save(inner, directory, step=step, tokenizer=built.tokenizer, recipe=recipe, extra=extra, also=also)
+        save(inner, directory, step=step, tokenizer=built.tokenizer, recipe=recipe, extra=extra, also=also,
+             state_dict=state)  # fmt: skip
     accelerator.wait_for_everyone()
     return directory

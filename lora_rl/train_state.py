@@ -7,6 +7,7 @@ run reproduces the uninterrupted one exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -148,7 +149,27 @@ def rotate(output_dir: Path, keep: int | None) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def resumed_recipe(recipe: Recipe, resume_dir: Path | None) -> Recipe:
+    """The recipe to build the model from: when resuming, the trained weights come from the checkpoint
+    (the original lora_path stays in the run's own recipe, e.g. for PPO's initial_adapter reference)."""
+    if resume_dir is None:
+        return recipe
+    model = recipe.actor.model
+    changed = {"lora_path": str(resume_dir)} if model.is_lora else {"path": str(resume_dir)}
+    return dataclasses.replace(
+        recipe, actor=dataclasses.replace(recipe.actor, model=dataclasses.replace(model, **changed))
+    )
+
+
 # ---------------------------------------------------------------- Ctrl-C
+
+
+class Interrupted(Exception):
+    """Ctrl-C: a checkpoint was written at a step boundary; the run can be resumed from it."""
+
+    def __init__(self, directory: Path, step: int):
+        self.directory, self.step = directory, step
+        super().__init__(f"interrupted at step {step}; saved {directory}; continue with --resume {directory}")
 
 
 class Interrupt:

@@ -78,10 +78,3 @@ def test_warnings_are_printed(write_recipe):
     assert result.exit_code == 0
     assert "warning: actor.model.lora_rank: ignored because is_lora is false (full fine-tuning)" in result.stderr
     assert "full fine-tuning (causal-lm)" in result.stdout
-
-
-@pytest.mark.parametrize("command", [["merge", "a", "b"], ["load", "a"]])
-def test_unfinished_commands_say_so(command):
-    result = runner.invoke(app, command)
-    assert result.exit_code == 1
-    assert "is not implemented yet" in result.stderr

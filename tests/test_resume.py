@@ -128,3 +128,25 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(write_
     final = train_reward.run(recipe, resume="auto")  # and the run continues from it
     assert verify(final)["step"] == 5
     assert not list(out.glob(".checkpoint-4.tmp-*")), "the dead save's temporary directory was not cleaned up"
+
+
+def test_resumed_ppo_run_equals_uninterrupted(tmp_path):
+    from lora_rl import train_ppo
+
+    overrides = [f"output_dir={tmp_path / 'full'}", f"data.train_path={ROOT / 'recipes/data/prompts-demo.jsonl'}",
+                 "ppo.num_updates=6", "train.save_every=3", "critic.mode=adapter", "ppo.adaptive_kl=true",
+                 "ppo.target_kl=0.1", "ppo.kl_horizon=100", "ppo.normalize_rewards=true", "ppo.rollout_batch_size=16",
+                 "train.batch_size=8"]  # fmt: skip
+    recipe = load_recipe(ROOT / "recipes/ppo-demo.yaml", overrides)
+    full = train_ppo.run(recipe)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full.parent, crashed)
+    shutil.rmtree(crashed / "final")
+    resumed = train_ppo.run(load_recipe(crashed / "recipe.yaml", [f"output_dir={crashed}"]), resume="auto")
+    assert same_weights(full, resumed)
+    assert same_weights(full / "critic", resumed / "critic")
+    assert torch.equal(load_file(full / "value_head.safetensors")["weight"],
+                       load_file(resumed / "value_head.safetensors")["weight"])  # fmt: skip
+    lines = without_timing(crashed / "metrics.jsonl")
+    assert lines == without_timing(full.parent / "metrics.jsonl") and len(lines) == 6
+    assert lines[0]["kl_coef"] != lines[-1]["kl_coef"]  # the adaptive coefficient moved: its state mattered

@@ -1,0 +1,141 @@
+"""lora-rl load: one base, adapters switched in turn, checked against plain transformers and single-adapter peft."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from typer.testing import CliRunner
+
+from lora_rl import load, tiny
+from lora_rl.cli import app
+
+runner = CliRunner()
+PROMPTS = ["the cat is", "hello how are you", "one two three"]
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' load report, peft's layer notes
+        return fn(*args, **kwargs)
+
+
+def make_adapter(path: Path, base: str, seed: int, reward: bool = False, **lora) -> Path:
+    """A plain peft adapter with random non-zero B weights (and a random reward head), saved to `path`."""
+    cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    model = quiet(
+        cls.from_pretrained, tiny.materialize(base), **({"num_labels": 1, "pad_token_id": 0} if reward else {})
+    )
+    config = LoraConfig(task_type="SEQ_CLS" if reward else "CAUSAL_LM", r=4, lora_alpha=8, **lora)
+    peft_model = quiet(get_peft_model, model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    quiet(peft_model.save_pretrained, path)
+    return path
+
+
+@torch.no_grad()
+def greedy(model, texts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions by a model used alone: the reference for each column."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny.materialize("tiny-llama"))
+    outputs = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+        outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_adapter(root / "a", "tiny-llama", seed=1, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "b": make_adapter(root / "b", "tiny-llama", seed=2, target_modules=["o_proj", "up_proj"]),
+        "r1": make_adapter(root / "r1", "tiny-llama", seed=3, reward=True, target_modules=["q_proj"]),
+        "r2": make_adapter(root / "r2", "tiny-llama", seed=4, reward=True, target_modules=["v_proj"]),
+        "gpt2": make_adapter(root / "gpt2", "tiny-gpt2", seed=5, target_modules=["c_attn"]),
+    }
+
+
+def test_switching_adapters_changes_outputs_and_the_base_row_is_the_base(adapters):
+    columns = load.run("tiny-llama", [f"a={adapters['a']}", f"b={adapters['b']}"], PROMPTS, None, 8)
+    assert list(columns) == ["base", "a", "b"]
+    base = tiny.materialize("tiny-llama")
+    assert columns["base"] == greedy(quiet(AutoModelForCausalLM.from_pretrained, base), PROMPTS, 8)
+    for name in ("a", "b"):
+        alone = quiet(PeftModel.from_pretrained, quiet(AutoModelForCausalLM.from_pretrained, base), adapters[name])
+        assert columns[name] == greedy(alone, PROMPTS, 8), name
+    assert columns["a"] != columns["base"] and columns["b"] != columns["base"] and columns["a"] != columns["b"]
+
+
+def test_rewards_of_each_reward_adapter(adapters):
+    columns = load.run("tiny-llama", [f"r1={adapters['r1']}", f"r2={adapters['r2']}"], PROMPTS, None, score=True)
+    assert list(columns) == ["r1", "r2"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny.materialize("tiny-llama"))
+    for name in ("r1", "r2"):
+        base = quiet(AutoModelForSequenceClassification.from_pretrained, tiny.materialize("tiny-llama"),
+                     num_labels=1, pad_token_id=0)  # fmt: skip
+        alone = quiet(PeftModel.from_pretrained, base, adapters[name])
+        with torch.no_grad():  # one text at a time: no padding involved in the reference
+            expected = [alone(**tokenizer(text, return_tensors="pt")).logits.item() for text in PROMPTS]
+        assert columns[name] == pytest.approx(expected, abs=1e-5), name
+    assert columns["r1"] != pytest.approx(columns["r2"], abs=1e-3)
+
+
+def test_cli_adapter_as_first_argument_and_prompts_file(adapters, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat is\n\n  one two [bold]three  \n")
+    result = runner.invoke(app, ["load", str(adapters["gpt2"]), "--prompts-file", str(prompts),
+                                 "--max-new-tokens", "4"], env={"COLUMNS": "200"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].strip() == f"{tiny.materialize('tiny-gpt2')}: greedy completions, up to 4 new tokens"
+    assert [cell.strip() for cell in lines[2].split("┃")[1:-1]] == ["prompt", "base", "gpt2"]  # the header row
+    assert "one two [bold]three" in result.stdout  # user text is shown as written, not read as markup
+
+
+ERRORS = {
+    "malformed adapter": (lambda a, t: ["tiny-llama", "--adapter", "noequals", "--prompt", "x"],
+                          "--adapter noequals: expected NAME=DIR, NAME made of letters, digits, _ and -"),
+    "duplicate name": (lambda a, t: ["tiny-llama", "--adapter", f"x={a['a']}", "--adapter", f"x={a['b']}",
+                                     "--prompt", "x"], "--adapter x: the name is taken"),
+    "reserved name": (lambda a, t: ["tiny-llama", "--adapter", f"base={a['a']}", "--prompt", "x"],
+                      "--adapter base: the name is taken"),
+    "two prompt sources": (lambda a, t: ["tiny-llama", "--prompt", "x", "--prompts-file", str(t / "p.txt")],
+                           "give prompts with --prompt or --prompts-file, not both"),
+    "no prompt": (lambda a, t: ["tiny-llama"], "no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE"),
+    "prompts file missing": (lambda a, t: ["tiny-llama", "--prompts-file", str(t / "p.txt")],
+                             "--prompts-file: {t}/p.txt not found"),
+    "adapter missing": (lambda a, t: ["tiny-llama", "--adapter", f"x={t / 'nope'}", "--prompt", "x"],
+                        "adapter directory {t}/nope not found"),
+    "base missing": (lambda a, t: [str(t / "nobase"), "--prompt", "x"],
+                     "base model {t}/nobase (from BASE_OR_ADAPTER) not found"),
+    "another base": (lambda a, t: ["tiny-llama", "--adapter", f"g={a['gpt2']}", "--prompt", "x"],
+                     "{gpt2} does not fit the base: transformer.h.0.attn.c_attn has LoRA weights but the base has "
+                     "no such layer"),
+    "reward without --score": (lambda a, t: ["tiny-llama", "--adapter", f"r={a['r1']}", "--prompt", "x"],
+                               "adapter r ({r1}) is a reward (SEQ_CLS) adapter: pass --score"),
+    "causal with --score": (lambda a, t: ["tiny-llama", "--adapter", f"a={a['a']}", "--prompt", "x", "--score"],
+                            "adapter a ({a}) is a causal-LM adapter; --score takes reward adapters"),
+    "--score alone": (lambda a, t: ["tiny-llama", "--prompt", "x", "--score"],
+                      "--score needs at least one reward adapter (--adapter NAME=DIR)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_load_errors_one_line_each_before_generating(case, adapters, tmp_path, monkeypatch):
+    monkeypatch.setattr(load, "complete", lambda *args: pytest.fail("generated despite the error"))
+    make_args, expected = ERRORS[case]
+    result = runner.invoke(app, ["load", *make_args(adapters, tmp_path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("error: " + expected.format(t=tmp_path, **adapters))
