@@ -65,8 +65,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     moments = ppo.RunningMoments() if recipe.ppo.normalize_rewards else None
     generators = {"minibatch": torch.Generator().manual_seed(recipe.seed)}
     position = Position()
+    # Each process samples its own completions: same weights (DDP broadcast rank 0's), its own sampling stream.
+    torch.manual_seed(recipe.seed + accelerator.process_index)
     if resume_dir:
-        saved = train_state.read_state(resume_dir, optimizer, generators)
+        saved = train_state.read_state(resume_dir, optimizer, generators, accelerator.process_index)
         position = Position(**saved["position"])
         kl_control.load_state_dict(saved["kl_controller"])
         if moments is not None:
@@ -77,8 +79,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     def save(name: str, update: int) -> Path:
         state = {"position": position.__dict__, "kl_controller": kl_control.state_dict(),
                  "reward_moments": moments.state_dict() if moments else None}  # fmt: skip
-        directory = save_policy(accelerator, roles, built, recipe, out / name, update,
-                                lambda tmp: train_state.write_state(tmp, optimizer, state, generators))  # fmt: skip
+        rng = train_state.rng_states_of_all_ranks()
+
+        def write_state(tmp: Path) -> None:
+            train_state.write_state(tmp, optimizer, state, generators, rng)
+
+        directory = save_policy(accelerator, roles, built, recipe, out / name, update, write_state)
         if main:
             train_state.rotate(out, recipe.train.save_total_limit)
         return directory

@@ -70,7 +70,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     scheduler = make_scheduler(optimizer, recipe, total_steps)
     position = Position()
     if resume_dir:
-        saved = train_state.read_state(resume_dir, optimizer, {})
+        saved = train_state.read_state(resume_dir, optimizer, {}, accelerator.process_index)
         scheduler.load_state_dict(saved["scheduler"])
         position = Position(**saved["position"])
         if main:
@@ -78,9 +78,11 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
 
     # 3. Train: one optimizer step per `gradient_accumulation_steps` micro-batches.
     def save(name: str, step: int) -> Path:
+        rng = train_state.rng_states_of_all_ranks()
+
         def state(tmp: Path) -> None:
-            train_state.write_state(tmp, optimizer, {"position": position.__dict__,
-                                                     "scheduler": scheduler.state_dict()}, {})  # fmt: skip
+            saved = {"position": position.__dict__, "scheduler": scheduler.state_dict()}
+            train_state.write_state(tmp, optimizer, saved, {}, rng)
 
         directory = save_checkpoint(accelerator, model, built, recipe, out / name, step, also=state)
         if main:

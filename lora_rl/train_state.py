@@ -37,12 +37,21 @@ PINNED_KEYS = (
 # ---------------------------------------------------------------- writing
 
 
+def rng_states_of_all_ranks() -> list[torch.Tensor]:
+    """Every process's torch RNG state (each samples its own stream); all processes must call it."""
+    from accelerate.utils import gather_object
+
+    return gather_object([torch.get_rng_state()])
+
+
 def write_state(directory: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                generators: dict[str, torch.Generator]) -> None:  # fmt: skip
-    """Optimizer tensors, RNG states and `state` (JSON: counters, scheduler, controllers) into `directory`."""
+                generators: dict[str, torch.Generator], torch_rng: list[torch.Tensor]) -> None:  # fmt: skip
+    """Optimizer tensors, RNG states (`torch_rng`: one per process) and `state` (JSON: counters, scheduler,
+    controllers) into `directory`."""
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, directory / "optimizer.safetensors")
-    rng = {"torch": torch.get_rng_state(), **{f"generator.{k}": g.get_state() for k, g in generators.items()}}
+    rng = {**{f"torch.{rank}": s for rank, s in enumerate(torch_rng)},
+           **{f"generator.{k}": g.get_state() for k, g in generators.items()}}  # fmt: skip
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, directory / "rng.safetensors")
@@ -67,8 +76,10 @@ def _jsonable(value: Any) -> Any:
 # ---------------------------------------------------------------- reading
 
 
-def read_state(directory: Path, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]) -> dict:
-    """Restore optimizer and RNG states from `directory`; return the JSON state (counters etc.)."""
+def read_state(directory: Path, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
+               rank: int = 0) -> dict:  # fmt: skip
+    """Restore optimizer and RNG states from `directory` (this process's torch RNG, if it was saved with as
+    many processes); return the JSON state (counters etc.)."""
     payload = json.loads((directory / STATE).read_text())
     tensors = load_file(directory / "optimizer.safetensors")
     per_param: dict[int, dict[str, torch.Tensor]] = {}
@@ -77,7 +88,7 @@ def read_state(directory: Path, optimizer: torch.optim.Optimizer, generators: di
         per_param.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": payload["optimizer_param_groups"]})
     rng = load_file(directory / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
+    torch.set_rng_state(rng.get(f"torch.{rank}", rng["torch.0"]))
     for name, generator in generators.items():
         generator.set_state(rng[f"generator.{name}"])
     if torch.cuda.is_available() and "cuda.0" in rng:
