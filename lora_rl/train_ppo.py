@@ -39,16 +39,11 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     check_recipe(recipe)
     prompts = load_prompts(recipe.data.train_path)
     reward_function = import_reward(recipe)
-    resume_dir = train_state.resolve_resume(resume or recipe.train.resume, recipe.output_dir)
-    if resume_dir:
-        train_state.check_compatible(resume_dir, recipe, allow_changes)
+    resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)  # accumulation is handled below
     check_launch(accelerator, recipe, len(prompts))
     main = accelerator.is_main_process
-    out = Path(recipe.output_dir)
-    if main:
-        checkpoint.start_run_dir(out, recipe, overwrite, resuming=resume_dir is not None)
-    accelerator.wait_for_everyone()
+    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir)
 
     # 2. One base, every role (the policy, value head and critic from the checkpoint when resuming).
     set_seed(recipe.seed)

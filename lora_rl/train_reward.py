@@ -31,20 +31,15 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     from accelerate.utils import set_seed
 
     # 1. Everything that can be wrong with the input is found before any model loads.
-    check_mixed_precision(recipe.train.mixed_precision)
+    train_state.check_mixed_precision(recipe.train.mixed_precision)
     train_rows, eval_rows = load_split(recipe)
-    resume_dir = train_state.resolve_resume(resume or recipe.train.resume, recipe.output_dir)
-    if resume_dir:
-        train_state.check_compatible(resume_dir, recipe, allow_changes)
+    resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,
     )
     main = accelerator.is_main_process
-    out = Path(recipe.output_dir)
-    if main:
-        checkpoint.start_run_dir(out, recipe, overwrite, resuming=resume_dir is not None)
-    accelerator.wait_for_everyone()
+    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir)
 
     # 2. Model (from the checkpoint when resuming), data, optimizer.
     set_seed(recipe.seed)
@@ -150,15 +145,6 @@ class Position:
     epoch: int = 0
     offset: int = 0
     window: dict = field(default_factory=dict)  # metric sums since the last log line
-
-
-def check_mixed_precision(precision: str) -> None:
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise RecipeError(
-            ["train.mixed_precision: got 'fp16'; fp16 needs a CUDA GPU, this machine has none: use bf16 or no"]
-        )
-    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise RecipeError(["train.mixed_precision: got 'bf16'; this GPU does not support bf16: use fp16 or no"])
 
 
 def load_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:

@@ -128,6 +128,33 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
     raise RecipeError([f"resume: {resume!r} holds no checkpoint with {STATE}; expected a checkpoint or run directory"])
 
 
+def find_resume(recipe: Recipe, resume: str | None, allow_changes: bool) -> Path | None:
+    """The checkpoint this run continues from (`--resume`, else train.resume), checked against the recipe."""
+    directory = resolve_resume(resume or recipe.train.resume, recipe.output_dir)
+    if directory:
+        check_compatible(directory, recipe, allow_changes)
+    return directory
+
+
+def start_output(accelerator, recipe: Recipe, overwrite: bool, resume_dir: Path | None) -> Path:
+    """The run's output directory, prepared by the main process while the others wait."""
+    out = Path(recipe.output_dir)
+    if accelerator.is_main_process:
+        checkpoint.start_run_dir(out, recipe, overwrite, resuming=resume_dir is not None)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def check_mixed_precision(precision: str) -> None:
+    """fp16 needs a GPU; bf16 runs on CPUs and on GPUs that support it."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError(
+            ["train.mixed_precision: got 'fp16'; fp16 needs a CUDA GPU, this machine has none: use bf16 or no"]
+        )
+    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise RecipeError(["train.mixed_precision: got 'bf16'; this GPU does not support bf16: use fp16 or no"])
+
+
 def check_compatible(directory: Path, recipe: Recipe, allow_changes: bool) -> None:
     """Refuse to resume a run whose seed, batch sizes or schedule changed, unless the user says so."""
     checkpoint.verify(directory)
