@@ -74,7 +74,7 @@ def build(recipe: Recipe, head: Head) -> Built:
     else:
         freeze_bottom_layers(model, cfg.num_layers_unfrozen)
     if recipe.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, recipe.train.checkpoint_every_n_layers)
     report.trainable, report.total = count_parameters(model)
     return Built(model, tokenizer, report)
 
@@ -160,14 +160,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
+    """Recompute activations in backward (every layer, or every N-th: less recomputation, more memory)."""
     # With a frozen base the embedding output has no grad; enable_input_require_grads gives it one,
     # otherwise checkpointed blocks would see no input needing grad and skip the adapters' gradients.
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
-        model.activation_checkpointing_enable(kwargs)
-    else:
+        model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers)
+    elif every_n_layers == 1:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ModelError("train.checkpoint_every_n_layers > 1 needs transformers with activation_checkpointing_enable")
     model.enable_input_require_grads()
     model.config.use_cache = False  # a KV cache is useless when training and conflicts with recomputation
 

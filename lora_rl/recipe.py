@@ -105,6 +105,9 @@ class TrainConfig:
     max_grad_norm: float | None = key(1.0, "gradient clipping norm; null disables it", POSITIVE)
     mixed_precision: Literal["no", "bf16", "fp16"] = key("no", "autocast precision (accelerate's names)")
     gradient_checkpointing: bool = key(True, "recompute activations in backward to save memory")
+    checkpoint_every_n_layers: int = key(
+        1, "with gradient_checkpointing: recompute only every N-th layer (faster, more memory); 1: all", POSITIVE_INT
+    )
     center_rewards_coefficient: float | None = key(
         None,
         "reward model: weight of mean((r_chosen + r_rejected)^2) in the loss (TRL); null disables it",

@@ -234,3 +234,12 @@ def test_custom_tokenizer_on_a_qwen2_model_is_honoured(tmp_path):
     Qwen2Config(vocab_size=5, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     tokenizer = load_tokenizer(tmp_path, ModelConfig())
     assert tokenizer("w1 w2 w1")["input_ids"] == [3, 4, 3]
+
+
+def test_checkpoint_every_n_layers_recomputes_only_those_layers(write_recipe):
+    built = build(recipe_for(write_recipe, {"lora_rank": 2}, gradient_checkpointing=True, checkpoint_every_n_layers=2),
+                  "causal-lm")  # fmt: skip
+    layers = built.model.base_model.model.model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    every = build(recipe_for(write_recipe, {"lora_rank": 2}, gradient_checkpointing=True), "causal-lm")
+    assert all(layer.gradient_checkpointing for layer in every.model.base_model.model.model.layers)
