@@ -62,8 +62,8 @@ class Roles:
     @contextmanager
     def use(self, adapter: str | None) -> Iterator[None]:
         """Run the block with `adapter` active (None: every adapter off); always restore the previous one."""
-        if not hasattr(self.model, "peft_config"):  # full fine-tuning: one model, nothing to switch
-            yield
+        if not hasattr(self.model, "peft_config") or adapter == self.model.active_adapter:
+            yield  # full fine-tuning (nothing to switch), or already active: set_adapter walks every module
             return
         previous = self.model.active_adapter
         try:
