@@ -82,6 +82,14 @@ def build(recipe: Recipe, head: Head) -> Built:
 # ---------------------------------------------------------------- base model
 
 
+def materialize_builtins(recipe: Recipe) -> None:
+    """Build the recipe's built-in tiny models now, before accelerate starts a process group: from then on
+    transformers writes a model only on rank 0, and another rank would save a directory without it."""
+    for name in (recipe.actor.model.path, recipe.reward.model):
+        if name in tiny.TINY_MODELS:
+            tiny.materialize(name)
+
+
 def resolve_path(cfg: ModelConfig) -> Path:
     """The local directory of the base: a built-in tiny model is materialised first."""
     return tiny.materialize(cfg.path) if cfg.path in tiny.TINY_MODELS else Path(cfg.path)

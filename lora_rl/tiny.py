@@ -8,6 +8,7 @@ recipe's) so an adapter trained by one recipe fits the same base in another reci
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -44,23 +45,30 @@ def cache_root() -> Path:
 
 
 def materialize(name: str) -> Path:
-    """The directory holding built-in model `name` (built and saved on first use, atomically)."""
+    """The directory holding built-in model `name`, built and saved on first use.
+
+    Several processes (accelerate launch, parallel jobs sharing a home) may ask at once: a file lock lets
+    one build while the others wait, and the directory appears under its name only when complete.
+    """
     if name not in TINY_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; expected one of {', '.join(TINY_MODELS)}")
     final = cache_root() / name
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    try:
-        build_model(name).save_pretrained(tmp)
-        build_tokenizer().save_pretrained(tmp)
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "config.json").is_file():  # a concurrent process did not win the race either
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(final.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (final / "config.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+            try:
+                build_model(name).save_pretrained(tmp)
+                build_tokenizer().save_pretrained(tmp)
+                if not (tmp / "config.json").is_file():
+                    # transformers writes a model only on rank 0 of a live process group
+                    raise RuntimeError(f"{name}: built on a non-main process; materialize before the process group")
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -16,7 +16,7 @@ import torch
 
 from lora_rl import checkpoint, display, ppo, train_state
 from lora_rl.data import load_prompts, pad, tokenize_prompts
-from lora_rl.model import Built, ModelError, base_fingerprint, build
+from lora_rl.model import Built, ModelError, base_fingerprint, build, materialize_builtins
 from lora_rl.recipe import Recipe, RecipeError
 from lora_rl.roles import CRITIC, POLICY, ActorCritic, Roles, attach_critic, attach_reference, attach_reward_adapter
 from lora_rl.rollout import Rollout, collect
@@ -40,6 +40,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     prompts = load_prompts(recipe.data.train_path)
     reward_function = import_reward(recipe)
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
+    materialize_builtins(recipe)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)  # accumulation is handled below
     check_launch(accelerator, recipe, len(prompts))
     main = accelerator.is_main_process

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lora_rl import checkpoint, display, train_state
 from lora_rl.data import DataError, EpochSampler, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
-from lora_rl.model import Built, base_fingerprint, build
+from lora_rl.model import Built, base_fingerprint, build, materialize_builtins
 from lora_rl.recipe import Recipe, RecipeError
 from lora_rl.reward_model import RewardModel, bradley_terry
 from lora_rl.train_state import Interrupt, Interrupted
@@ -34,6 +34,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     train_state.check_mixed_precision(recipe.train.mixed_precision)
     train_rows, eval_rows = load_split(recipe)
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
+    materialize_builtins(recipe)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,
