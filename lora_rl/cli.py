@@ -25,7 +25,7 @@ RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="YAML recipe f
 OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(
-        metavar="[OVERRIDES]...",
+        metavar="OVERRIDES",
         help="Dotted overrides, e.g. actor.model.lora_rank=16 train.learning_rate=1e-5.",
         show_default=False,
     ),
