@@ -65,15 +65,15 @@ class Roles:
         if not hasattr(self.model, "peft_config") or adapter == self.model.active_adapter:
             yield  # full fine-tuning (nothing to switch), or already active: set_adapter walks every module
             return
+        if adapter is None:
+            with self.model.disable_adapter():  # re-enables in its own finally; the active adapter is untouched
+                yield
+            return
         previous = self.model.active_adapter
         try:
-            if adapter is None:
-                with self.model.disable_adapter():
-                    yield
-            else:
-                self.model.set_adapter(adapter)
-                self._apply_plan()
-                yield
+            self.model.set_adapter(adapter)
+            self._apply_plan()
+            yield
         finally:
             self.model.set_adapter(previous)
             self._apply_plan()
