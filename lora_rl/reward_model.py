@@ -32,6 +32,18 @@ def transformers_model(model: nn.Module) -> nn.Module:
     return model.base_model.model if hasattr(model, "peft_config") else model
 
 
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T, H) last hidden states of the (peft) model's backbone, positions counted over real tokens."""
+    inner = transformers_model(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))[0]
+
+
+def at_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T, H) -> (N, H): each row's hidden state at its last real token."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+
+
 class RewardModel(nn.Module):
     """Sequence classifier -> (N,) float32 rewards at each row's last real token.
 
@@ -41,15 +53,11 @@ class RewardModel(nn.Module):
     def __init__(self, model: nn.Module, head_name: str):
         super().__init__()
         self.model = model  # the (peft) sequence classifier; saved as is
-        self.backbone_name, self.head_name = transformers_model(model).base_model_prefix, head_name
+        self.head_name = head_name
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        inner = transformers_model(self.model)
-        backbone, head = getattr(inner, self.backbone_name), getattr(inner, self.head_name)
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        ).last_hidden_state  # (N, T, H)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        head = getattr(transformers_model(self.model), self.head_name)
+        last = at_last_token(hidden_states(self.model, input_ids, attention_mask), attention_mask)
         return head(last).squeeze(-1).float()  # the head only at N positions, not N*T
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from lora_rl import checkpoint
 from lora_rl.model import ModelError, base_contradictions
 from lora_rl.ppo import entropy_from_logits, gather_logprobs
-from lora_rl.reward_model import last_token_index, position_ids, transformers_model
+from lora_rl.reward_model import at_last_token, hidden_states, transformers_model
 
 POLICY, CRITIC, REWARD, REFERENCE = "default", "critic", "reward", "reference"
 RewardFunction = Callable[[list[str], list[str]], list[float]]
@@ -156,8 +156,7 @@ def import_reward_function(spec: str) -> RewardFunction:
 def adapter_rewards(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) scores from the reward adapter: its hidden state at each row's last real token -> score head."""
     with roles.use(REWARD):
-        hidden = hidden_states(roles.model, input_ids, attention_mask)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        last = at_last_token(hidden_states(roles.model, input_ids, attention_mask), attention_mask)
     return roles.reward_head(last.to(roles.reward_head.weight.dtype)).squeeze(-1).float()
 
 
@@ -194,13 +193,6 @@ class ActorCritic(nn.Module):
 def response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int):
     """(B, R, H): the hidden state that predicts each response token (the one at the position before it)."""
     return hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1 : -1]
-
-
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) last hidden states with the active adapter (positions counted over real tokens)."""
-    inner = transformers_model(model)
-    backbone = getattr(inner, inner.base_model_prefix)
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))[0]
 
 
 def output_layer(model: nn.Module) -> nn.Module:
