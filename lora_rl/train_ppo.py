@@ -7,18 +7,41 @@ update: (1) sample (2) score (3) KL-shaped rewards (4) GAE + whitening (5) PPO e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from lora_rl import checkpoint, display, ppo, train_state
 from lora_rl.data import load_prompts, pad, tokenize_prompts
-from lora_rl.model import Built, ModelError, base_fingerprint, build, materialize_builtins
+from lora_rl.model import (
+    Built,
+    base_fingerprint,
+    build,
+    classifier_head_name,
+    load_base,
+    load_tokenizer,
+    materialize_builtins,
+    resolve_path,
+)
 from lora_rl.recipe import Recipe, RecipeError
-from lora_rl.roles import CRITIC, POLICY, ActorCritic, Roles, attach_critic, attach_reference, attach_reward_adapter
+from lora_rl.reward_model import RewardModel
+from lora_rl.roles import (
+    CRITIC,
+    POLICY,
+    ActorCritic,
+    Roles,
+    attach_critic,
+    attach_reference,
+    attach_reward_adapter,
+    import_reward_function,
+)
 from lora_rl.rollout import Rollout, collect
 from lora_rl.train_state import Interrupt, Interrupted
 
@@ -222,8 +245,6 @@ def check_launch(accelerator, recipe: Recipe, prompts: int) -> None:
 
 
 def import_reward(recipe: Recipe):
-    from lora_rl.roles import import_reward_function
-
     return import_reward_function(recipe.reward.function) if recipe.reward.function else None
 
 
@@ -236,8 +257,6 @@ def setup_roles(built: Built, recipe: Recipe, reward_function, resume_dir: Path 
         reference = recipe.ppo.reference or ("initial_adapter" if cfg.lora_path else "base")
         roles = Roles(model, value_head, critic, attach_reference(model, reference, cfg.lora_path))
     else:
-        from lora_rl.model import load_base
-
         value_head, _ = attach_critic(model, "shared")
         reference_model = load_base(built.report.base_path, cfg, "causal-lm", built.tokenizer).requires_grad_(False)
         roles = Roles(model, value_head, None, None, reference_model=reference_model)
@@ -253,9 +272,6 @@ def setup_roles(built: Built, recipe: Recipe, reward_function, resume_dir: Path 
 
 
 def load_critic(roles: Roles, directory: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     roles.value_head.load_state_dict(load_file(directory / "value_head.safetensors"))
     if roles.critic_adapter:
         weights = load_file(directory / CRITIC / "adapter_model.safetensors")
@@ -264,17 +280,10 @@ def load_critic(roles: Roles, directory: Path) -> None:
 
 def load_reward_model(recipe: Recipe):
     """A separate sequence classifier, frozen; read at the last real token like train-reward's."""
-    import dataclasses
-
-    from lora_rl.model import load_base, load_tokenizer, resolve_path
-    from lora_rl.reward_model import RewardModel
-
     cfg = dataclasses.replace(recipe.actor.model, path=recipe.reward.model)
     path = resolve_path(cfg)
     tokenizer = load_tokenizer(path, cfg)
     model = load_base(path, cfg, "reward", tokenizer).requires_grad_(False).eval()
-    from lora_rl.model import classifier_head_name
-
     return RewardModel(model, classifier_head_name(model)), tokenizer
 
 
@@ -321,7 +330,7 @@ def optimise(accelerator, model, optimizer, params, rollout: Rollout, advantages
         for start in range(0, len(order), micro):
             index = order[start : start + micro]
             boundary = (start // micro + 1) % accumulation == 0
-            with accelerator.no_sync(model) if not boundary else _nullcontext():
+            with accelerator.no_sync(model) if not boundary else nullcontext():
                 out = model(rollout.input_ids[index], rollout.attention_mask[index], rollout.prompt_width)
                 mask = rollout.mask[index]
                 policy = ppo.policy_loss(out.logprobs, rollout.logprobs[index], advantages[index], mask,
@@ -345,12 +354,6 @@ def optimise(accelerator, model, optimizer, params, rollout: Rollout, advantages
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     return {name: total / steps for name, total in sums.items()}
-
-
-def _nullcontext():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def _accumulate(sums: dict, policy, value, out, mask) -> None:
@@ -377,8 +380,6 @@ def save_policy(accelerator, roles: Roles, built: Built, recipe: Recipe, directo
                 write_state) -> Path:  # fmt: skip
     """The policy adapter (plain peft layout, loadable and mergeable), its value head, the critic adapter
     (in critic/), tokenizer, recipe and what resuming needs."""
-    from safetensors.torch import save_file
-
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         extra = {"base_fingerprint": base_fingerprint(built.model.config)}
@@ -398,6 +399,3 @@ def save_policy(accelerator, roles: Roles, built: Built, recipe: Recipe, directo
                                        extra=extra, also=value_head)  # fmt: skip
     accelerator.wait_for_everyone()
     return directory
-
-
-__all__ = ["run", "check_recipe", "BadUpdate", "ModelError"]
