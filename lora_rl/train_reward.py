@@ -55,8 +55,11 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     # and a resumed run (one more iterator) would no longer match the uninterrupted one.
     train_loader = DataLoader(train_set, recipe.train.batch_size, sampler=sampler, collate_fn=collate,
                               generator=torch.Generator())  # fmt: skip
-    eval_loader = DataLoader(eval_set, recipe.train.batch_size, collate_fn=collate, generator=torch.Generator())
-    eval_loader = eval_loader if eval_set else None
+    eval_loader = (
+        DataLoader(eval_set, recipe.train.batch_size, collate_fn=collate, generator=torch.Generator())
+        if eval_set
+        else None
+    )
     model = RewardModel(built.model, built.report.head_module)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
@@ -209,18 +212,19 @@ class Window:
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, step: int) -> dict:
-    """Accuracy, mean margin and loss over the whole eval set (all processes); {} without an eval set."""
+    """Loss, accuracy and mean margin over the whole eval set (all processes), defined as in training;
+    {} without an eval set."""
     if loader is None:
         return {}
     model.eval()
-    diffs = []
+    chosen, rejected, margins = [], [], []
     for batch in loader:
-        chosen, rejected = model(batch.input_ids, batch.attention_mask).chunk(2)
-        diffs.append(accelerator.gather_for_metrics(chosen - rejected - batch.margin))
-    diff = torch.cat(diffs)  # (pairs,) across all processes
-    loss = -torch.nn.functional.logsigmoid(diff).mean().item()
-    return {"step": step, "split": "eval", "loss": loss, "accuracy": (diff > 0).float().mean().item(),
-            "margin": diff.mean().item(), "pairs": len(diff)}  # fmt: skip
+        rewards = model(batch.input_ids, batch.attention_mask).chunk(2)
+        for kept, value in zip((chosen, rejected, margins), (*rewards, batch.margin), strict=True):
+            kept.append(accelerator.gather_for_metrics(value))
+    out = bradley_terry(torch.cat(chosen), torch.cat(rejected), torch.cat(margins))
+    return {"step": step, "split": "eval", "loss": out.loss.item(), "accuracy": out.accuracy.item(),
+            "margin": out.margin.item(), "pairs": sum(len(c) for c in chosen)}  # fmt: skip
 
 
 def log(out: Path, record: dict, main: bool, progress: display.Progress | None = None) -> None:

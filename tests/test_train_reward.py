@@ -154,3 +154,22 @@ def test_demo_recipe_reaches_accuracy_bar(tmp_path, monkeypatch):
     final_eval = [m for m in metrics(out) if m["split"] == "eval"][-1]
     assert final_eval["pairs"] == 200 and final_eval["accuracy"] >= 0.9
     assert f"saved {out / 'final'}" in result.stdout
+
+
+def test_eval_metrics_are_defined_as_in_training():
+    """With a margin column, accuracy and margin ignore it (as in training and TRL); only the loss uses it."""
+    import math
+
+    from accelerate import Accelerator
+
+    from lora_rl.data import PairBatch
+
+    class FixedRewards(torch.nn.Module):  # rows 0..B-1 chosen, B..2B-1 rejected
+        def forward(self, input_ids, attention_mask):
+            return torch.tensor([2.0, 1.0, 0.0, 0.5])
+
+    batch = PairBatch(torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.long), torch.tensor([3.0, 0.0]))
+    record = train_reward.evaluate(FixedRewards(), [batch], Accelerator(cpu=True), step=7)
+    # diffs 2 - 0 = 2 and 1 - 0.5 = 0.5; margins 3 and 0: loss uses 2 - 3 = -1 and 0.5
+    assert record["accuracy"] == 1.0 and record["margin"] == pytest.approx(1.25) and record["pairs"] == 2
+    assert record["loss"] == pytest.approx((math.log(1 + math.exp(1)) + math.log(1 + math.exp(-0.5))) / 2)
