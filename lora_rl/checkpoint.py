@@ -134,25 +134,21 @@ def refuse_pickle(directory: Path, allow_pickle: bool) -> None:
         )
 
 
-def save_adapter(model, directory: Path, *, step: int, tokenizer=None, recipe=None, adapter_name: str = "default",
-                 extra: dict | None = None, also: Callable[[Path], None] | None = None,
-                 state_dict: dict | None = None) -> Path:  # fmt: skip
-    """Save one peft adapter so that `PeftModel.from_pretrained(base, directory)` loads it.
+def save_adapter(model, directory: Path, *, step: int, tokenizer=None, recipe=None, extra: dict | None = None,
+                 also: Callable[[Path], None] | None = None, state_dict: dict | None = None) -> Path:  # fmt: skip
+    """Save the model's "default" peft adapter (the one trained) so that `PeftModel.from_pretrained(base,
+    directory)` loads it; other adapters on the same base (reward, reference, critic) are left out.
 
     Writes adapter_config.json, adapter_model.safetensors, the tokenizer, the resolved recipe.yaml,
-    whatever `also(tmp_dir)` adds (e.g. a value head), then the manifest; atomically.
+    whatever `also(tmp_dir)` adds (e.g. a value head), then the manifest; atomically. `state_dict`: the
+    weights gathered from every rank when FSDP/ZeRO-3 shard them.
     """
 
     def write(tmp: Path) -> None:
         # save_embedding_layers=False: with lm_head targeted peft would also save the whole frozen head, which
         # never changes here (no vocabulary resizing) and is the largest matrix of most models.
-        model.save_pretrained(
-            tmp, selected_adapters=[adapter_name], safe_serialization=True, save_embedding_layers=False
-        )
-        if adapter_name != "default":  # peft nests non-default adapters in a sub-folder; flatten it
-            for item in (tmp / adapter_name).iterdir():
-                os.replace(item, tmp / item.name)
-            (tmp / adapter_name).rmdir()
+        model.save_pretrained(tmp, selected_adapters=["default"], safe_serialization=True, state_dict=state_dict,
+                              save_embedding_layers=False)  # fmt: skip
         _write_common(tmp, tokenizer, recipe, also)
 
     return write_atomically(directory, write, step, extra)

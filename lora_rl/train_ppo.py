@@ -34,7 +34,6 @@ from lora_rl.recipe import Recipe, RecipeError
 from lora_rl.reward_model import RewardModel
 from lora_rl.roles import (
     CRITIC,
-    POLICY,
     ActorCritic,
     Roles,
     attach_critic,
@@ -393,7 +392,7 @@ def save_policy(accelerator, roles: Roles, built: Built, recipe: Recipe, directo
 
         if recipe.actor.model.is_lora:
             checkpoint.save_adapter(roles.model, directory, step=update, tokenizer=built.tokenizer, recipe=recipe,
-                                    adapter_name=POLICY, extra=extra, also=value_head)  # fmt: skip
+                                    extra=extra, also=value_head)  # fmt: skip
         else:
             checkpoint.save_full_model(roles.model, directory, step=update, tokenizer=built.tokenizer, recipe=recipe,
                                        extra=extra, also=value_head)  # fmt: skip

@@ -243,3 +243,15 @@ def test_checkpoint_every_n_layers_recomputes_only_those_layers(write_recipe):
     assert [layer.gradient_checkpointing for layer in layers] == [True, False]
     every = build(recipe_for(write_recipe, {"lora_rank": 2}, gradient_checkpointing=True), "causal-lm")
     assert all(layer.gradient_checkpointing for layer in every.model.base_model.model.model.layers)
+
+
+def test_save_adapter_writes_the_given_state_dict(write_recipe, tmp_path):
+    """Under FSDP/ZeRO-3 the module holds shards: the weights gathered from every rank are what must be saved."""
+    from safetensors.torch import load_file
+
+    built = build(recipe_for(write_recipe, {"lora_rank": 2, "target_modules": ["q_proj"]}), "causal-lm")
+    gathered = {k: torch.full_like(v, 0.5) if "lora_B" in k else v for k, v in built.model.state_dict().items()}
+    checkpoint.save_adapter(built.model, tmp_path / "a", step=0, state_dict=gathered)
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and all(torch.equal(v, torch.full_like(v, 0.5)) for v in lora_b)
