@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from lora_rl import ppo
+from lora_rl.data import pad
 from lora_rl.recipe import GenerationConfig
 from lora_rl.reward_model import RewardModel
 from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, reference_logprobs
@@ -88,8 +89,6 @@ def decode(tokenizer, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
 @torch.no_grad()
 def model_rewards(model: RewardModel, tokenizer, prompts: list[str], completions: list[str], device) -> torch.Tensor:
     """Scores from a separate reward model, which may tokenize differently: texts are re-tokenized for it."""
-    from lora_rl.data import pad
-
     ids = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])["input_ids"]
     input_ids, attention_mask = pad(ids, tokenizer.pad_token_id, "right")
     return model(input_ids.to(device), attention_mask.to(device))
