@@ -176,13 +176,19 @@ class ActorCritic(nn.Module):
         self.roles, self.temperature = roles, temperature
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
-        responses = input_ids[:, prompt_width:]
         with self.roles.use(POLICY):
             hidden = response_hidden(self.roles.model, input_ids, attention_mask, prompt_width)
-            logits = output_layer(self.roles.model)(hidden)  # (B, R, V): the LM head only at response positions
-        logprobs = gather_logprobs(logits, responses, self.temperature)
+        return self.outputs(hidden, input_ids, attention_mask, prompt_width)
+
+    def outputs(self, policy_hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_width: int) -> ActorCriticOutput:  # fmt: skip
+        """Log-probs, entropy and values from the policy's (B, R, H) hidden states before each response token."""
+        with self.roles.use(POLICY):  # the LM head too may carry LoRA
+            logits = output_layer(self.roles.model)(policy_hidden)  # (B, R, V): the LM head only where needed
+        logprobs = gather_logprobs(logits, input_ids[:, prompt_width:], self.temperature)
         with torch.no_grad():
             entropy = entropy_from_logits(logits, self.temperature)
+        hidden = policy_hidden
         if self.roles.critic_adapter is not None:
             with self.roles.use(self.roles.critic_adapter):
                 hidden = response_hidden(self.roles.model, input_ids, attention_mask, prompt_width)

@@ -14,7 +14,7 @@ from lora_rl import ppo
 from lora_rl.data import pad
 from lora_rl.recipe import GenerationConfig
 from lora_rl.reward_model import RewardModel
-from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, reference_logprobs
+from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, output_layer, reference_logprobs
 
 
 class Rollout(NamedTuple):
@@ -35,16 +35,25 @@ class Timings(NamedTuple):
 
 
 @torch.no_grad()
-def generate(roles: Roles, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: GenerationConfig):
-    """(B, P) left-padded prompts -> (B, R) sampled responses (KV cache; stops once every row has EOS)."""
+def generate(roles: Roles, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+             cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(B, P) left-padded prompts -> (B, R) sampled responses, and (B, R, H) the policy's last hidden state
+    before each of them: the LM head's input at each step (KV cache; stops once every row has EOS)."""
     roles.model.eval()
-    with roles.use(POLICY):
-        sequences = roles.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, use_cache=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
-    return sequences[:, prompt_ids.shape[1] :]
+    steps = []
+    record = output_layer(roles.model).register_forward_pre_hook(lambda _, args: steps.append(args[0][:, -1]))
+    try:
+        with roles.use(POLICY):
+            sequences = roles.model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, use_cache=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
+    finally:
+        record.remove()
+    responses = sequences[:, prompt_ids.shape[1] :]
+    assert len(steps) == responses.shape[1], "one LM head call per sampled token"
+    return responses, torch.stack(steps, dim=1)
 
 
 @torch.no_grad()
@@ -52,15 +61,17 @@ def collect(actor_critic: ActorCritic, roles: Roles, tokenizer, prompts: list[st
             prompt_mask: torch.Tensor, cfg: GenerationConfig) -> tuple[Rollout, Timings]:  # fmt: skip
     """Sample, then score: old log-probs and values, reference log-probs, rewards."""
     started = time.perf_counter()
-    responses = generate(roles, tokenizer, prompt_ids, prompt_mask, cfg)
+    responses, policy_hidden = generate(roles, tokenizer, prompt_ids, prompt_mask, cfg)
     eos = ppo.response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     input_ids = torch.cat([prompt_ids, responses], dim=1)
     attention_mask = torch.cat([prompt_mask, eos.mask.long()], dim=1)
     width = prompt_ids.shape[1]
     generated = time.perf_counter()
-    # Old log-probs come from a full forward pass, not from generate's scores: those are after top-k/top-p
-    # processing and from cached incremental steps, so they would not equal the training forward exactly.
-    out = actor_critic(input_ids, attention_mask, width)
+    # Old log-probs (and shared-critic values) come from the hidden states generate computed to sample: the
+    # same weights, tokens and positions as a full forward, so the same numbers up to float summation order
+    # (held to 1e-5 by a test), and one forward pass fewer per update. generate's `scores` would not do:
+    # they are after temperature/top-k/top-p processing.
+    out = actor_critic.outputs(policy_hidden, input_ids, attention_mask, width)
     ref = reference_logprobs(roles, input_ids, attention_mask, width, cfg.temperature)
     scores = score(roles, tokenizer, prompts, responses, eos.mask, input_ids, attention_mask)
     rollout = Rollout(input_ids, attention_mask, eos.mask, width, eos.has_eos, out.logprobs, ref, out.values, scores)
