@@ -34,11 +34,16 @@ class Pair(NamedTuple):
 
 
 class PairBatch(NamedTuple):
-    """B pairs padded together: rows 0..B-1 are the chosen texts, rows B..2B-1 the rejected ones."""
+    """B pairs for one forward pass: 2B rows (chosen, then rejected), or B packed rows (see pack_pairs)."""
 
-    input_ids: torch.Tensor  # (2B, T)
-    attention_mask: torch.Tensor  # (2B, T), 1 on real tokens
+    input_ids: torch.Tensor  # (N, T)
+    attention_mask: torch.Tensor  # (N, T), 1 on real tokens; packed: (B, 1, T, T) bool, True where it may attend
     margin: torch.Tensor  # (B,)
+    position_ids: torch.Tensor | None = None  # packed: (B, T)
+    read_at: torch.Tensor | None = None  # packed: (2B, 2) (row, position) of each chosen, then rejected, last token
+
+    def model_inputs(self) -> tuple:
+        return self.input_ids, self.attention_mask, self.position_ids, self.read_at
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -161,14 +166,56 @@ def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tenso
 
 
 class PairCollator:
-    """Pads chosen and rejected of a batch together, so one forward pass scores both."""
+    """Pairs -> one PairBatch, so one forward pass scores chosen and rejected: packed (one row per pair)
+    or padded (chosen and rejected rows padded together on `side`)."""
 
-    def __init__(self, pad_id: int, side: str = "right"):
-        self.pad_id, self.side = pad_id, side
+    def __init__(self, pad_id: int, side: str = "right", packed: bool = False):
+        self.pad_id, self.side, self.packed = pad_id, side, packed
 
     def __call__(self, pairs: list[Pair]) -> PairBatch:
+        if self.packed:
+            return pack_pairs(pairs, self.pad_id)
         ids, mask = pad([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id, self.side)
-        return PairBatch(ids, mask, torch.tensor([p.margin for p in pairs], dtype=torch.float32))
+        return PairBatch(ids, mask, _margins(pairs))
+
+
+PROMPT, CHOSEN, REJECTED = 1, 2, 3  # which part of a packed row a token is (0: padding)
+
+
+def pack_pairs(pairs: list[Pair], pad_id: int) -> PairBatch:
+    """One row per pair: the tokens chosen and rejected share (usually the prompt), then the rest of chosen,
+    then the rest of rejected, which sees the shared tokens but not chosen's and continues their positions.
+    Each text is then read exactly as on a row of its own, and the shared part is computed once."""
+    rows, parts, positions, read_chosen, read_rejected = [], [], [], [], []
+    for row, pair in enumerate(pairs):
+        shared = shared_prefix(pair.chosen, pair.rejected)
+        rest = len(pair.rejected) - shared
+        rows.append(pair.chosen + pair.rejected[shared:])
+        parts.append([PROMPT] * shared + [CHOSEN] * (len(pair.chosen) - shared) + [REJECTED] * rest)
+        positions.append(list(range(len(pair.chosen))) + list(range(shared, len(pair.rejected))))
+        read_chosen.append((row, len(pair.chosen) - 1))
+        read_rejected.append((row, len(pair.chosen) + rest - 1))
+    ids, _ = pad(rows, pad_id, "right")
+    part, _ = pad(parts, 0, "right")
+    position_ids, _ = pad(positions, 0, "right")
+    query, key = part[:, :, None], part[:, None, :]
+    causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    visible = causal & (key != 0) & ((key == PROMPT) | (key == query))
+    visible |= torch.eye(ids.shape[1], dtype=torch.bool)  # padding sees itself: no row without a key (no NaN)
+    read_at = torch.tensor(read_chosen + read_rejected, dtype=torch.long)
+    return PairBatch(ids, visible[:, None], _margins(pairs), position_ids, read_at)
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share, leaving each at least its last token (where it is read)."""
+    limit, n = min(len(a), len(b)) - 1, 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _margins(pairs: list[Pair]) -> torch.Tensor:
+    return torch.tensor([p.margin for p in pairs], dtype=torch.float32)
 
 
 def load_prompts(path: str | Path) -> list[str]:

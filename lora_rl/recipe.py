@@ -108,6 +108,11 @@ class TrainConfig:
     checkpoint_every_n_layers: int = key(
         1, "with gradient_checkpointing: recompute only every N-th layer (faster, more memory); 1: all", POSITIVE_INT
     )
+    pack_pairs: bool = key(
+        True,
+        "reward model: one row per pair, the tokens chosen and rejected share (the prompt) computed once; "
+        "needs sdpa or eager attention (otherwise chosen and rejected are padded rows)",
+    )
     center_rewards_coefficient: float | None = key(
         None,
         "reward model: weight of mean((r_chosen + r_rejected)^2) in the loss (TRL); null disables it",

@@ -32,11 +32,32 @@ def transformers_model(model: nn.Module) -> nn.Module:
     return model.base_model.model if hasattr(model, "peft_config") else model
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(N, T, H) last hidden states of the (peft) model's backbone, positions counted over real tokens."""
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """(N, T, H) last hidden states of the (peft) model's backbone; positions counted over real tokens
+    unless given. A 4D boolean attention_mask (True: may attend) is passed on as the model's attention takes it."""
     inner = transformers_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))[0]
+    if positions is None:
+        positions = position_ids(attention_mask)
+    if attention_mask.dim() == 4:
+        attention_mask = custom_mask(attention_mask, inner)
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)[0]
+
+
+PACKABLE_ATTENTION = ("sdpa", "eager")  # attention implementations that take an arbitrary 4D mask
+
+
+def custom_mask(visible: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """A (N, 1, T, T) boolean mask in the form the model's attention adds or applies: sdpa takes booleans,
+    eager adds a float mask to its scores."""
+    implementation = model.config._attn_implementation
+    if implementation == "sdpa":
+        return visible
+    if implementation == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+    raise ValueError(f"a custom attention mask needs {' or '.join(PACKABLE_ATTENTION)} attention, not {implementation}")
 
 
 def at_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -55,9 +76,13 @@ class RewardModel(nn.Module):
         self.model = model  # the (peft) sequence classifier; saved as is
         self.head_name = head_name
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                read_at: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Rewards at each row's last real token, or for packed pairs (data.pack_pairs) at each (row, position)
+        of read_at."""
         head = getattr(transformers_model(self.model), self.head_name)
-        last = at_last_token(hidden_states(self.model, input_ids, attention_mask), attention_mask)
+        hidden = hidden_states(self.model, input_ids, attention_mask, position_ids)
+        last = at_last_token(hidden, attention_mask) if read_at is None else hidden[read_at[:, 0], read_at[:, 1]]
         return head(last).squeeze(-1).float()  # the head only at N positions, not N*T
 
 

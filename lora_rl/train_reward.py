@@ -18,7 +18,7 @@ from lora_rl import checkpoint, display, train_state
 from lora_rl.data import DataError, EpochSampler, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
 from lora_rl.model import Built, base_fingerprint, build, materialize_builtins
 from lora_rl.recipe import Recipe, RecipeError
-from lora_rl.reward_model import RewardModel, bradley_terry
+from lora_rl.reward_model import PACKABLE_ATTENTION, RewardModel, bradley_terry, transformers_model
 from lora_rl.train_state import Interrupt, Interrupted
 
 
@@ -49,7 +49,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
         display.print_model_report(built.report)
     train_set = tokenize(train_rows, built, recipe, "train", main)
     eval_set = tokenize(eval_rows, built, recipe, "eval", main)
-    collate = PairCollator(built.tokenizer.pad_token_id, built.tokenizer.padding_side)
+    collate = PairCollator(built.tokenizer.pad_token_id, built.tokenizer.padding_side, packs(built, recipe, main))
     sampler = EpochSampler(len(train_set), recipe.seed)
     # Own generators: a DataLoader iterator otherwise draws its seed from the global RNG, which dropout uses,
     # and a resumed run (one more iterator) would no longer match the uninterrupted one.
@@ -98,7 +98,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
             for batch in train_loader:
                 model.train()
                 with accelerator.accumulate(model):
-                    rewards = model(batch.input_ids, batch.attention_mask)
+                    rewards = model(*batch.model_inputs())
                     chosen, rejected = rewards.chunk(2)
                     out_ = bradley_terry(chosen, rejected, batch.margin, recipe.train.center_rewards_coefficient)
                     accelerator.backward(out_.loss)
@@ -174,6 +174,14 @@ def tokenize(rows: list[dict], built: Built, recipe: Recipe, split: str, main: b
     return result.pairs
 
 
+def packs(built: Built, recipe: Recipe, main: bool) -> bool:
+    """Whether pairs go packed (train.pack_pairs, when the model's attention takes a custom mask)."""
+    attention = transformers_model(built.model).config._attn_implementation
+    if recipe.train.pack_pairs and attention not in PACKABLE_ATTENTION and main:
+        display.print_warnings([f"train.pack_pairs: {attention} attention takes no custom mask; pairs go unpacked"])
+    return recipe.train.pack_pairs and attention in PACKABLE_ATTENTION
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int):
     from transformers import get_scheduler
 
@@ -219,7 +227,7 @@ def evaluate(model, loader, accelerator, step: int) -> dict:
     model.eval()
     chosen, rejected, margins = [], [], []
     for batch in loader:
-        rewards = model(batch.input_ids, batch.attention_mask).chunk(2)
+        rewards = model(*batch.model_inputs()).chunk(2)
         for kept, value in zip((chosen, rejected, margins), (*rewards, batch.margin), strict=True):
             kept.append(accelerator.gather_for_metrics(value))
     out = bradley_terry(torch.cat(chosen), torch.cat(rejected), torch.cat(margins))

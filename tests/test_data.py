@@ -119,6 +119,29 @@ def test_collator_puts_chosen_then_rejected():
     assert torch.equal(batch.margin, torch.tensor([0.5, 0.0]))
 
 
+def test_packed_pairs_share_their_prefix_once_and_rejected_cannot_see_chosen():
+    from lora_rl.data import Pair, pack_pairs
+
+    batch = pack_pairs([Pair([1, 2, 3, 4], [1, 2, 5], 0.5), Pair([6], [7, 8], 0.0)], pad_id=0)
+    # pair 0 shares [1, 2] -> one row 1 2 | 3 4 | 5; pair 1 shares nothing -> 6 | 7 8, then padding
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 0, 1, 0, 0]]  # rejected continues the prefix
+    assert batch.read_at.tolist() == [[0, 3], [1, 0], [0, 4], [1, 2]]  # chosen ends, then rejected ends
+    visible = batch.attention_mask[:, 0].int().tolist()
+    assert visible[0] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
+    assert visible[1] == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
+    assert torch.equal(batch.margin, torch.tensor([0.5, 0.0]))
+
+
+def test_shared_prefix_leaves_each_text_its_last_token():
+    from lora_rl.data import shared_prefix
+
+    assert shared_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert shared_prefix([1, 2, 3], [1, 2, 3]) == 2  # identical: each keeps its last token to be read at
+    assert shared_prefix([1, 2], [1, 2, 3, 4]) == 1  # chosen a prefix of rejected
+    assert shared_prefix([5], [5, 6]) == 0 and shared_prefix([1, 2], [3, 2]) == 0
+
+
 def test_text_that_tokenizes_to_nothing_is_an_error():
     class EmptyTokenizer:
         def __call__(self, texts):

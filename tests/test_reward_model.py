@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lora_rl.data import pad
+from lora_rl.data import Pair, PairCollator, pad
 from lora_rl.model import build
 from lora_rl.recipe import load_recipe
 from lora_rl.reward_model import RewardModel, bradley_terry, last_token_index, position_ids
@@ -62,3 +62,38 @@ def test_rewards_match_transformers_pooling_when_pads_are_pads(reward_model):
         ours = reward_model(ids, mask)
         theirs = reward_model.model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("path, attention", [("tiny-llama", "sdpa"), ("tiny-gpt2", "sdpa"), ("tiny-llama", "eager")])
+def test_packed_pairs_give_the_rewards_and_gradients_of_padded_rows(tmp_path, path, attention):
+    """One packed row per pair must read every text exactly as padded rows of their own do."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"actor: {{model: {{path: {path}, lora_rank: 4, target_modules: all-linear}}}}\ntrain: {{gradient_checkpointing: false}}\n")
+    built = build(load_recipe(recipe), "reward")
+    built.model.set_attn_implementation(attention)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero: give the adapter an effect, so its gradients mean something
+        for name, param in built.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model = RewardModel(built.model, built.report.head_module).eval()  # no dropout: the two must compare
+    prompt = [2, 20, 21, 22, 23]
+    pairs = [Pair(prompt + [30, 31, 3], prompt + [40, 3], 0.0),  # a shared prompt
+             Pair([2, 50, 51], [2, 50, 51], 0.0),  # identical texts
+             Pair([60, 61], [70, 71, 72, 73, 74, 75, 3], 0.0),  # nothing shared
+             Pair(prompt, prompt + [80, 81], 0.0)]  # chosen a prefix of rejected  # fmt: skip
+    results = []
+    for packed in (False, True):
+        batch = PairCollator(0, "right", packed)(pairs)
+        rewards = model(*batch.model_inputs())
+        bradley_terry(*rewards.chunk(2)).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        results.append((rewards.detach(), grads, batch.input_ids.numel()))
+    (padded, padded_grads, padded_tokens), (packed, packed_grads, packed_tokens) = results
+    assert packed_tokens < padded_tokens
+    assert torch.allclose(packed, padded, atol=1e-5), (packed, padded)
+    assert padded[1] == pytest.approx(padded[5].item(), abs=1e-6)  # identical texts, identical rewards
+    assert packed_grads.keys() == padded_grads.keys() and any("lora_A" in n for n in packed_grads)
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, rtol=1e-4, atol=1e-6), name

@@ -85,6 +85,27 @@ def test_lora_reward_trains_saves_and_reloads_with_plain_peft(write_recipe, pair
     assert margin == pytest.approx(evals[-1]["margin"], abs=1e-4)
 
 
+def test_packed_and_padded_training_give_the_same_metrics(write_recipe, pair_files):
+    """train.pack_pairs changes how the pairs are laid out, not what is computed (float order aside)."""
+    runs = []
+    for packed in (True, False):
+        recipe = short_recipe(write_recipe, pair_files, train={"pack_pairs": packed, "eval_every": 3})
+        train_reward.run(recipe, overwrite=True)
+        runs.append(metrics(Path(recipe.output_dir)))
+    for packed_line, padded_line in zip(*runs, strict=True):
+        for name in ("loss", "accuracy", "margin"):
+            assert packed_line[name] == pytest.approx(padded_line[name], abs=1e-4), (name, packed_line["step"])
+
+
+def test_attention_without_custom_masks_falls_back_to_padded_rows(write_recipe, pair_files, capsys):
+    recipe = short_recipe(write_recipe, pair_files)
+    built = train_reward.build(recipe, "reward")
+    assert train_reward.packs(built, recipe, main=True)
+    built.model.config._attn_implementation = "flash_attention_2"
+    assert not train_reward.packs(built, recipe, main=True)
+    assert "train.pack_pairs: flash_attention_2 attention takes no custom mask" in capsys.readouterr().err
+
+
 def test_score_head_reloads_identically_with_seeded_head(write_recipe, pair_files, llama_dir):
     """The score head saved is the trained one: two loads of the adapter give the same head as the file."""
     final = train_reward.run(short_recipe(write_recipe, pair_files, train={"max_steps": 2}))
@@ -165,7 +186,7 @@ def test_eval_metrics_are_defined_as_in_training():
     from lora_rl.data import PairBatch
 
     class FixedRewards(torch.nn.Module):  # rows 0..B-1 chosen, B..2B-1 rejected
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask, position_ids, read_at):
             return torch.tensor([2.0, 1.0, 0.0, 0.5])
 
     batch = PairBatch(torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.long), torch.tensor([3.0, 0.0]))
