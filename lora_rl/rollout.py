@@ -60,7 +60,7 @@ def collect(actor_critic: ActorCritic, roles: Roles, tokenizer, prompts: list[st
     generated = time.perf_counter()
     # Old log-probs come from a full forward pass, not from generate's scores: those are after top-k/top-p
     # processing and from cached incremental steps, so they would not equal the training forward exactly.
-    out = actor_critic(input_ids, attention_mask, width)
+    out = actor_critic.outputs(input_ids, attention_mask, width)
     ref = reference_logprobs(roles, input_ids, attention_mask, width, cfg.temperature)
     scores = score(roles, tokenizer, prompts, responses, eos.mask, input_ids, attention_mask)
     rollout = Rollout(input_ids, attention_mask, eos.mask, width, eos.has_eos, out.logprobs, ref, out.values, scores)
