@@ -177,7 +177,11 @@ def _write_common(tmp: Path, tokenizer, recipe, also: Callable[[Path], None] | N
 def gathered_state_dict(accelerator, wrapper, prefix: str = "model.") -> dict:
     """The full state dict of `wrapper.model`, gathered from every rank (FSDP / ZeRO-3 shard it): every
     process must call this; only the main process then writes."""
-    state = accelerator.get_state_dict(wrapper)
+    return submodule_state(accelerator.get_state_dict(wrapper), prefix)
+
+
+def submodule_state(state: dict, prefix: str) -> dict:
+    """The entries of `state` under `prefix` ("model."), with the prefix removed."""
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 

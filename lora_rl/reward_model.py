@@ -32,6 +32,13 @@ def transformers_model(model: nn.Module) -> nn.Module:
     return model.base_model.model if hasattr(model, "peft_config") else model
 
 
+def no_split_modules(model: nn.Module) -> list[str] | None:
+    """The transformers model's block classes (e.g. ["LlamaDecoderLayer"]), for a module that wraps it:
+    accelerate's FSDP wraps each block by the prepared module's `_no_split_modules`, and without them it
+    wraps only the root, so every forward gathers the whole model at once."""
+    return getattr(transformers_model(model), "_no_split_modules", None)
+
+
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """(N, T, H) last hidden states of the (peft) model's backbone; positions counted over real tokens
@@ -75,6 +82,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.model = model  # the (peft) sequence classifier; saved as is
         self.head_name = head_name
+        self._no_split_modules = no_split_modules(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 read_at: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip

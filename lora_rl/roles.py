@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -29,10 +29,11 @@ from torch import nn
 from lora_rl import checkpoint
 from lora_rl.model import ModelError, base_contradictions
 from lora_rl.ppo import entropy_from_logits, gather_logprobs
-from lora_rl.reward_model import at_last_token, hidden_states, transformers_model
+from lora_rl.reward_model import at_last_token, hidden_states, no_split_modules, transformers_model
 
 POLICY, CRITIC, REWARD, REFERENCE = "default", "critic", "reward", "reference"
 RewardFunction = Callable[[list[str], list[str]], list[float]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -167,21 +168,31 @@ class ActorCriticOutput(NamedTuple):
 
 
 class ActorCritic(nn.Module):
-    """Policy log-probs and values for prompt+response sequences, as one module so that accelerate/DDP
+    """Policy log-probs and values for prompt+response sequences, as one module so that accelerate/DDP/FSDP
     wrap its forward. With the shared critic one forward gives both; with a critic adapter, two."""
 
     def __init__(self, roles: Roles, temperature: float):
         super().__init__()
         self.model, self.value_head = roles.model, roles.value_head  # registered: optimised and synchronised
         self.roles, self.temperature = roles, temperature
+        self._no_split_modules = no_split_modules(roles.model)  # FSDP wraps (and gathers) block by block
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
+    def forward(self, *inputs, within: Callable[[], T] | None = None) -> ActorCriticOutput | T:
+        """`outputs(*inputs)`; or, given `within`, its result, computed inside this module's forward.
+
+        Under FSDP the base's shards are gathered only inside the wrapped module's forward (each block by its
+        own hook), so everything else that runs the shared base (generation, the reference and the reward
+        adapter) goes through here too.
+        """
+        return within() if within is not None else self.outputs(*inputs)
+
+    def outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
         with self.roles.use(POLICY):
             hidden = response_hidden(self.roles.model, input_ids, attention_mask, prompt_width)
-        return self.outputs(hidden, input_ids, attention_mask, prompt_width)
+        return self.from_hidden(hidden, input_ids, attention_mask, prompt_width)
 
-    def outputs(self, policy_hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prompt_width: int) -> ActorCriticOutput:  # fmt: skip
+    def from_hidden(self, policy_hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    prompt_width: int) -> ActorCriticOutput:  # fmt: skip
         """Log-probs, entropy and values from the policy's (B, R, H) hidden states before each response token."""
         with self.roles.use(POLICY):  # the LM head too may carry LoRA
             logits = output_layer(self.roles.model)(policy_hidden)  # (B, R, V): the LM head only where needed

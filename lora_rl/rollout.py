@@ -71,7 +71,7 @@ def collect(actor_critic: ActorCritic, roles: Roles, tokenizer, prompts: list[st
     # same weights, tokens and positions as a full forward, so the same numbers up to float summation order
     # (held to 1e-5 by a test), and one forward pass fewer per update. generate's `scores` would not do:
     # they are after temperature/top-k/top-p processing.
-    out = actor_critic.outputs(policy_hidden, input_ids, attention_mask, width)
+    out = actor_critic.from_hidden(policy_hidden, input_ids, attention_mask, width)
     ref = reference_logprobs(roles, input_ids, attention_mask, width, cfg.temperature)
     scores = score(roles, tokenizer, prompts, responses, eos.mask, input_ids, attention_mask)
     rollout = Rollout(input_ids, attention_mask, eos.mask, width, eos.has_eos, out.logprobs, ref, out.values, scores)

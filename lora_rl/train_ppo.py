@@ -12,6 +12,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,7 +87,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     # Each process samples its own completions: same weights (DDP broadcast rank 0's), its own sampling stream.
     torch.manual_seed(recipe.seed + accelerator.process_index)
     if resume_dir:
-        saved = train_state.read_state(resume_dir, optimizer, generators, accelerator.process_index)
+        saved, optimizer_saved = train_state.read_state(resume_dir, generators, accelerator.process_index)
+        train_state.load_optimizer_state(accelerator, trained, optimizer, optimizer_saved)
         position = Position(**saved["position"])
         kl_control.load_state_dict(saved["kl_controller"])
         if moments is not None:
@@ -98,11 +100,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
         state = {"position": position.__dict__, "kl_controller": kl_control.state_dict(),
                  "reward_moments": moments.state_dict() if moments else None}  # fmt: skip
         rng = train_state.rng_states_of_all_ranks()
+        optimizer_state = train_state.optimizer_state(accelerator, trained, optimizer)
 
         def write_state(tmp: Path) -> None:
-            train_state.write_state(tmp, optimizer, state, generators, rng)
+            train_state.write_state(tmp, optimizer_state, state, generators, rng)
 
-        directory = save_policy(accelerator, roles, built, recipe, out / name, update, write_state)
+        directory = save_policy(accelerator, trained, roles, built, recipe, out / name, update, write_state)
         if main:
             train_state.rotate(out, recipe.train.save_total_limit)
         return directory
@@ -115,9 +118,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
             update = position.update
             prompt_texts, prompt_ids, prompt_mask = batches.next(position)
             try:
-                # (1)-(2) sample with the policy; old log-probs, values, reference log-probs, scores
-                rollout, timings = collect(actor_critic, roles, built.tokenizer, prompt_texts, prompt_ids, prompt_mask,
-                                           recipe.generation)  # fmt: skip
+                # (1)-(2) sample with the policy; old log-probs, values, reference log-probs, scores; inside the
+                # prepared module's forward, where FSDP gathers the shared base's blocks
+                sample = partial(collect, actor_critic, roles, built.tokenizer, prompt_texts, prompt_ids, prompt_mask,
+                                 recipe.generation)  # fmt: skip
+                with torch.no_grad():
+                    rollout, timings = trained(within=sample)
                 check_finite(update, rollout)
                 # (3)-(4) KL-shaped per-token rewards -> advantages and returns
                 scores = shape_scores(rollout, recipe, moments)
@@ -128,7 +134,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                     advantages = ppo.masked_whiten(advantages, rollout.mask)
                 # (5) PPO epochs over micro-batches, an optimizer step per accumulation group
                 started = time.perf_counter()
-                stats = optimise(accelerator, trained, optimizer, params, rollout, advantages, returns, recipe,
+                stats = optimise(accelerator, trained, optimizer, rollout, advantages, returns, recipe,
                                  generators["minibatch"], update)  # fmt: skip
             except BadUpdate as err:
                 position.bad_in_a_row += 1
@@ -230,11 +236,10 @@ def check_recipe(recipe: Recipe) -> None:
 
 def check_launch(accelerator, recipe: Recipe, prompts: int) -> None:
     """Problems that depend on how the command was launched."""
-    problems = []
-    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
-        problems.append(f"ppo: {accelerator.distributed_type.value} is not supported yet (generation needs whole "
-                        "parameters, and PPO accumulates gradients itself): launch with "
-                        "recipes/accelerate/multi_gpu.yaml (DDP)")  # fmt: skip
+    problems = train_state.launch_problems(accelerator)
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        problems.append("ppo: DeepSpeed is not supported yet (PPO accumulates gradients itself, DeepSpeed steps "
+                        "inside backward): launch with recipes/accelerate/fsdp.yaml or multi_gpu.yaml")  # fmt: skip
     needed = recipe.ppo.rollout_batch_size * accelerator.num_processes
     if prompts < needed:
         problems.append(f"ppo.rollout_batch_size: {recipe.ppo.rollout_batch_size} x {accelerator.num_processes} "
@@ -313,7 +318,7 @@ def shape_scores(rollout: Rollout, recipe: Recipe, moments: ppo.RunningMoments |
     return ppo.normalize_and_clip_scores(scores, moments, recipe.ppo.reward_clip)
 
 
-def optimise(accelerator, model, optimizer, params, rollout: Rollout, advantages, returns, recipe: Recipe,
+def optimise(accelerator, model, optimizer, rollout: Rollout, advantages, returns, recipe: Recipe,
              generator: torch.Generator, update: int) -> dict[str, float]:  # fmt: skip
     """ppo_epochs passes over the rollout in micro-batches; one optimizer step per accumulation group.
 
@@ -346,7 +351,9 @@ def optimise(accelerator, model, optimizer, params, rollout: Rollout, advantages
             _accumulate(sums, policy, value, out, mask)
             steps += 1
             if boundary:
-                norm = accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm or math.inf)
+                # All the prepared model's parameters (frozen ones have no gradient): accelerate then uses FSDP's
+                # own clipping, whose norm covers every rank's shard, not this rank's alone.
+                norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm or math.inf)
                 if not torch.isfinite(norm):
                     optimizer.zero_grad(set_to_none=True)
                     raise BadUpdate(f"update {update}: non-finite gradient norm")
@@ -375,26 +382,25 @@ def update_metrics(accelerator, update: int, rollout: Rollout, kl, sequence_kl: 
     }  # fmt: skip
 
 
-def save_policy(accelerator, roles: Roles, built: Built, recipe: Recipe, directory: Path, update: int,
+def save_policy(accelerator, trained, roles: Roles, built: Built, recipe: Recipe, directory: Path, update: int,
                 write_state) -> Path:  # fmt: skip
     """The policy adapter (plain peft layout, loadable and mergeable), its value head, the critic adapter
     (in critic/), tokenizer, recipe and what resuming needs."""
-    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(trained)  # every process takes part: FSDP gathers the shards on rank 0
     if accelerator.is_main_process:
         extra = {"base_fingerprint": base_fingerprint(built.model.config)}
+        weights = checkpoint.submodule_state(state, "model.")
 
         def value_head(tmp: Path) -> None:
-            state = {k: v.detach().contiguous().cpu() for k, v in roles.value_head.state_dict().items()}
-            save_file(state, tmp / "value_head.safetensors")
+            head = checkpoint.submodule_state(state, "value_head.")
+            save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, tmp / "value_head.safetensors")
             if roles.critic_adapter:  # peft puts a non-default adapter in a sub-folder of its name
-                roles.model.save_pretrained(tmp, selected_adapters=[CRITIC], save_embedding_layers=False)
+                roles.model.save_pretrained(tmp, selected_adapters=[CRITIC], save_embedding_layers=False,
+                                            state_dict=weights)  # fmt: skip
             write_state(tmp)
 
-        if recipe.actor.model.is_lora:
-            checkpoint.save_adapter(roles.model, directory, step=update, tokenizer=built.tokenizer, recipe=recipe,
-                                    extra=extra, also=value_head)  # fmt: skip
-        else:
-            checkpoint.save_full_model(roles.model, directory, step=update, tokenizer=built.tokenizer, recipe=recipe,
-                                       extra=extra, also=value_head)  # fmt: skip
+        save = checkpoint.save_adapter if recipe.actor.model.is_lora else checkpoint.save_full_model
+        save(roles.model, directory, step=update, tokenizer=built.tokenizer, recipe=recipe, extra=extra,
+             also=value_head, state_dict=weights)  # fmt: skip
     accelerator.wait_for_everyone()
     return directory

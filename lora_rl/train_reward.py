@@ -39,6 +39,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,
     )
+    if train_state.launch_problems(accelerator):
+        raise RecipeError(train_state.launch_problems(accelerator))
     main = accelerator.is_main_process
     out = train_state.start_output(accelerator, recipe, overwrite, resume_dir)
 
@@ -69,7 +71,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     scheduler = make_scheduler(optimizer, recipe, total_steps)
     position = Position()
     if resume_dir:
-        saved = train_state.read_state(resume_dir, optimizer, {}, accelerator.process_index)
+        saved, optimizer_saved = train_state.read_state(resume_dir, {}, accelerator.process_index)
+        train_state.load_optimizer_state(accelerator, model, optimizer, optimizer_saved)
         scheduler.load_state_dict(saved["scheduler"])
         position = Position(**saved["position"])
         if main:
@@ -78,10 +81,11 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     # 3. Train: one optimizer step per `gradient_accumulation_steps` micro-batches.
     def save(name: str, step: int) -> Path:
         rng = train_state.rng_states_of_all_ranks()
+        optimizer_state = train_state.optimizer_state(accelerator, model, optimizer)
 
         def state(tmp: Path) -> None:
             saved = {"position": position.__dict__, "scheduler": scheduler.state_dict()}
-            train_state.write_state(tmp, optimizer, saved, {}, rng)
+            train_state.write_state(tmp, optimizer_state, saved, {}, rng)
 
         directory = save_checkpoint(accelerator, model, built, recipe, out / name, step, also=state)
         if main:
@@ -103,7 +107,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                     out_ = bradley_terry(chosen, rejected, batch.margin, recipe.train.center_rewards_coefficient)
                     accelerator.backward(out_.loss)
                     if accelerator.sync_gradients and recipe.train.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
+                        # All the prepared model's parameters (frozen ones have no gradient): accelerate then
+                        # uses FSDP's own clipping, whose norm covers every rank's shard, not this rank's alone.
+                        accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window.add(out_, len(chosen))

@@ -44,11 +44,55 @@ def rng_states_of_all_ranks() -> list[torch.Tensor]:
     return gather_object([torch.get_rng_state()])
 
 
-def write_state(directory: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                generators: dict[str, torch.Generator], torch_rng: list[torch.Tensor]) -> None:  # fmt: skip
-    """Optimizer tensors, RNG states (`torch_rng`: one per process) and `state` (JSON: counters, scheduler,
-    controllers) into `directory`."""
-    tensors, groups = _flatten_optimizer(optimizer.state_dict())
+def optimizer_state(accelerator, model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's whole state_dict, parameters numbered as one process numbers them; all processes must
+    call it. FSDP shards the state across processes: it is gathered (on rank 0; the others get no state)."""
+    if accelerator.distributed_type.value != "FSDP":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    whole = get_optimizer_state_dict(model, optimizer.optimizer, options=options)  # by parameter name
+    number = {name: i for i, name in enumerate(_names(whole))}
+    groups = [{**group, "params": [number[n] for n in group["params"]]} for group in whole.get("param_groups", [])]
+    return {"state": {number[name]: values for name, values in whole.get("state", {}).items()}, "param_groups": groups}
+
+
+def load_optimizer_state(accelerator, model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Inverse of `optimizer_state`: under FSDP each process keeps its own shard of the whole state."""
+    if accelerator.distributed_type.value != "FSDP":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    names = _names(get_optimizer_state_dict(model, optimizer.optimizer))  # no state yet: only the names
+    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]
+    whole = {"state": {names[i]: values for i, values in state["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer.optimizer, whole, options=StateDictOptions(full_state_dict=True))
+
+
+def _names(state_dict: dict) -> list[str]:
+    return [name for group in state_dict.get("param_groups", []) for name in group["params"]]
+
+
+def launch_problems(accelerator) -> list[str]:
+    """What the sharded setups cannot run (both commands)."""
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type.value == "FSDP" else None
+    if plugin is not None and plugin.fsdp_version == 1:
+        return ["FSDP: fsdp_version 1 cannot save the adapter (peft 0.21 misses the LoRA weights of blocks FSDP1 "
+                "wraps one by one): use fsdp_version: 2, as recipes/accelerate/fsdp.yaml does"]  # fmt: skip
+    return []
+
+
+def write_state(directory: Path, optimizer: dict, state: dict[str, Any], generators: dict[str, torch.Generator],
+                torch_rng: list[torch.Tensor]) -> None:  # fmt: skip
+    """Optimizer tensors (`optimizer`: from `optimizer_state`), RNG states (`torch_rng`: one per process) and
+    `state` (JSON: counters, scheduler, controllers) into `directory`."""
+    tensors, groups = _flatten_optimizer(optimizer)
     save_file(tensors, directory / "optimizer.safetensors")
     rng = {**{f"torch.{rank}": s for rank, s in enumerate(torch_rng)},
            **{f"generator.{k}": g.get_state() for k, g in generators.items()}}  # fmt: skip
@@ -76,17 +120,15 @@ def _jsonable(value: Any) -> Any:
 # ---------------------------------------------------------------- reading
 
 
-def read_state(directory: Path, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
-               rank: int = 0) -> dict:  # fmt: skip
-    """Restore optimizer and RNG states from `directory` (this process's torch RNG, if it was saved with as
-    many processes); return the JSON state (counters etc.)."""
+def read_state(directory: Path, generators: dict[str, torch.Generator], rank: int = 0) -> tuple[dict, dict]:
+    """Restore RNG states from `directory` (this process's torch RNG, if it was saved with as many
+    processes); return the JSON state (counters etc.) and the optimizer's state_dict."""
     payload = json.loads((directory / STATE).read_text())
     tensors = load_file(directory / "optimizer.safetensors")
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": payload["optimizer_param_groups"]})
     rng = load_file(directory / "rng.safetensors")
     torch.set_rng_state(rng.get(f"torch.{rank}", rng["torch.0"]))
     for name, generator in generators.items():
@@ -96,7 +138,7 @@ def read_state(directory: Path, optimizer: torch.optim.Optimizer, generators: di
     random.setstate(_tuples(payload["python_rng"]))
     kind, keys, *rest = payload["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    return payload
+    return payload, {"state": per_param, "param_groups": payload["optimizer_param_groups"]}
 
 
 def _tuples(value: Any) -> Any:

@@ -28,7 +28,7 @@ EXPECTED_TYPE = {
 # Values accelerate parses from strings at launch time; a typo there would only fail on the cluster.
 ALLOWED_VALUES = {
     "fsdp_auto_wrap_policy": accelerate_constants.FSDP_AUTO_WRAP_POLICY,
-    "fsdp_reshard_after_forward": accelerate_constants.FSDP_SHARDING_STRATEGY,
+    "fsdp_reshard_after_forward": [True, False, *accelerate_constants.FSDP_SHARDING_STRATEGY],  # FSDP2: a bool
     "fsdp_backward_prefetch": accelerate_constants.FSDP_BACKWARD_PREFETCH,
     "fsdp_state_dict_type": accelerate_constants.FSDP_STATE_DICT_TYPE,
     "deepspeed_multinode_launcher": accelerate_constants.DEEPSPEED_MULTINODE_LAUNCHERS,
@@ -77,9 +77,9 @@ def test_config_loads_with_accelerate(name):
 
 def test_sharded_configs_can_save_the_adapter():
     fsdp = load_config_from_file(str(CONFIG_DIR / "fsdp.yaml")).fsdp_config
-    assert fsdp["fsdp_use_orig_params"] is True  # frozen base + trainable LoRA in one wrapped block
+    assert fsdp["fsdp_version"] == 2  # lora-rl refuses FSDP1 (peft cannot save its per-block wrapped LoRA)
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    assert fsdp["fsdp_reshard_after_forward"] == "FULL_SHARD"
+    assert fsdp["fsdp_reshard_after_forward"] is True
     assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     for name, stage in [("deepspeed_zero2", 2), ("deepspeed_zero3", 3)]:
         deepspeed = load_config_from_file(str(CONFIG_DIR / f"{name}.yaml")).deepspeed_config
@@ -94,7 +94,7 @@ def test_sharded_configs_can_save_the_adapter():
     ("old", "new", "problem"),
     [
         ("num_machines: 1", "num_machine: 1", "unknown keys (['num_machine'])"),
-        ("fsdp_use_orig_params: true", "fsdp_use_orig_param: true", "fsdp_config.fsdp_use_orig_param: not an"),
+        ("fsdp_offload_params: false", "fsdp_offload_param: false", "fsdp_config.fsdp_offload_param: not an"),
         ("FULL_STATE_DICT", "FULL_STATE_DCT", "fsdp_config.fsdp_state_dict_type: 'FULL_STATE_DCT' is not one of"),
     ],
 )

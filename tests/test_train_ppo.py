@@ -41,7 +41,7 @@ def one_update(write_recipe, **sections):
     rollout, _ = collect(actor_critic, roles, built.tokenizer, PROMPTS, ids, mask, recipe.generation)
     rewards = ppo.kl_shaped_rewards(rollout.scores + 1.0, rollout.logprobs * 0, rollout.mask, 0.0)
     advantages, returns = ppo.gae(rewards, rollout.values, rollout.mask, 1.0, 0.95)
-    step = lambda: train_ppo.optimise(Accelerator(), actor_critic, optimizer, params, rollout, advantages,  # noqa: E731
+    step = lambda: train_ppo.optimise(Accelerator(), actor_critic, optimizer, rollout, advantages,  # noqa: E731
                                       returns, recipe, torch.Generator().manual_seed(0), 1)  # fmt: skip
     return roles, actor_critic, rollout, step
 
