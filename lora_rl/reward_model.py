@@ -63,7 +63,9 @@ def custom_mask(visible: torch.Tensor, model: nn.Module) -> torch.Tensor:
         return visible
     if implementation == "eager":
         dtype = next(model.parameters()).dtype
-        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+            ~visible, torch.finfo(dtype).min
+        )
     raise ValueError(f"a custom attention mask needs {' or '.join(PACKABLE_ATTENTION)} attention, not {implementation}")
 
 

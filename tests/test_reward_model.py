@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -68,7 +69,8 @@ def test_rewards_match_transformers_pooling_when_pads_are_pads(reward_model):
 def test_packed_pairs_give_the_rewards_and_gradients_of_padded_rows(tmp_path, path, attention):
     """One packed row per pair must read every text exactly as padded rows of their own do."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"actor: {{model: {{path: {path}, lora_rank: 4, target_modules: all-linear}}}}\ntrain: {{gradient_checkpointing: false}}\n")
+    model = {"path": path, "lora_rank": 4, "target_modules": "all-linear"}
+    recipe.write_text(json.dumps({"actor": {"model": model}, "train": {"gradient_checkpointing": False}}))
     built = build(load_recipe(recipe), "reward")
     built.model.set_attn_implementation(attention)
     generator = torch.Generator().manual_seed(0)

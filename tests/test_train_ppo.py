@@ -66,12 +66,18 @@ def test_one_update_changes_only_adapter_and_head_and_reference_stays_the_base(w
     assert torch.allclose(reference_logprobs(roles, ids, mask, width, 1.0), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("model, critic", [("tiny-llama", "shared"), ("tiny-gpt2", "shared"), ("tiny-llama", "adapter")])
+@pytest.mark.parametrize(
+    "model, critic", [("tiny-llama", "shared"), ("tiny-gpt2", "shared"), ("tiny-llama", "adapter")]
+)
 def test_old_logprobs_and_values_from_generation_equal_a_full_forward(write_recipe, model, critic):
     """The rollout reads the policy's hidden states off generate's steps; a full forward over the same
     left-padded prompts and responses (post-EOS tokens masked) must give the same log-probs and values."""
-    recipe = ppo_recipe(write_recipe, actor={"model": {"path": model, "lora_rank": 4, "target_modules": None}},
-                        generation={"max_new_tokens": 8, "temperature": 0.7, "top_k": 50}, critic={"mode": critic})
+    recipe = ppo_recipe(
+        write_recipe,
+        actor={"model": {"path": model, "lora_rank": 4, "target_modules": None}},
+        generation={"max_new_tokens": 8, "temperature": 0.7, "top_k": 50},
+        critic={"mode": critic},
+    )
     built, roles = roles_for(recipe)
     randomize(roles.model)  # the policy adapter (lm_head included) moves the logits away from the base's
     with torch.no_grad():
