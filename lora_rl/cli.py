@@ -69,15 +69,18 @@ def user_errors() -> Iterator[None]:
 
 
 @contextmanager
-def interrupted() -> Iterator[None]:
-    """Ctrl-C saved a checkpoint at a step boundary: say where, exit 130 like an interrupted shell command."""
-    from lora_rl.train_state import Interrupted
+def training_ends() -> Iterator[None]:
+    """A finished run, or Ctrl-C that saved a checkpoint at a step boundary (then: say where, exit 130 like an
+    interrupted shell command). Either way every process saved together, so all leave the process group."""
+    from lora_rl.train_state import Interrupted, leave_process_group
 
     try:
         yield
     except Interrupted as err:
+        leave_process_group()
         display.print_warnings([str(err)])
         raise typer.Exit(130) from None
+    leave_process_group()
 
 
 def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
@@ -141,7 +144,7 @@ def train_reward(
     """
     from lora_rl import train_reward as command
 
-    with user_errors(), interrupted():
+    with user_errors(), training_ends():
         command.run(_load(recipe, overrides), overwrite=overwrite, resume=resume, allow_changes=allow_changes)
 
 
@@ -160,11 +163,13 @@ def ppo(
     policy adapter, loadable with plain peft) to output_dir.
     """
     from lora_rl import train_ppo
+    from lora_rl.train_state import leave_process_group
 
-    with user_errors(), interrupted():
+    with user_errors(), training_ends():
         try:
             train_ppo.run(_load(recipe, overrides), overwrite=overwrite, resume=resume, allow_changes=allow_changes)
-        except train_ppo.BadUpdate as err:
+        except train_ppo.BadUpdate as err:  # every process stopped at the same update
+            leave_process_group()
             display.print_problems([str(err)])
             raise typer.Exit(1) from None
 

@@ -43,7 +43,7 @@ from lora_rl.roles import (
     import_reward_function,
 )
 from lora_rl.rollout import Rollout, collect
-from lora_rl.train_state import Interrupt, Interrupted
+from lora_rl.train_state import Interrupt, Interrupted, on_any_process
 
 
 class BadUpdate(Exception):
@@ -111,7 +111,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
         return directory
 
     total = recipe.ppo.num_updates
-    with display.Progress(total, "ppo", enabled=main) as progress, Interrupt().installed() as interrupt:
+    with display.Progress(total, "ppo", enabled=main) as progress, Interrupt(accelerator).installed() as interrupt:
         progress.update(position.update, {})
         while position.update < total:
             position.update += 1
@@ -124,7 +124,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                                  recipe.generation)  # fmt: skip
                 with torch.no_grad():
                     rollout, timings = trained(within=sample)
-                check_finite(update, rollout)
+                check_finite(accelerator, update, rollout)
                 # (3)-(4) KL-shaped per-token rewards -> advantages and returns
                 scores = shape_scores(rollout, recipe, moments)
                 kl = ppo.kl_per_token(rollout.logprobs, rollout.ref_logprobs, recipe.ppo.kl_estimator)
@@ -138,7 +138,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                                  generators["minibatch"], update)  # fmt: skip
             except BadUpdate as err:
                 position.bad_in_a_row += 1
-                display.print_warnings([f"{err}; update skipped ({position.bad_in_a_row} in a row)"])
+                if main:  # the same on every process
+                    display.print_warnings([f"{err}; update skipped ({position.bad_in_a_row} in a row)"])
                 if position.bad_in_a_row >= recipe.ppo.max_bad_updates:
                     raise BadUpdate(f"stopping: {position.bad_in_a_row} consecutive updates with non-finite values "
                                     f"(ppo.max_bad_updates: {recipe.ppo.max_bad_updates})") from None  # fmt: skip
@@ -154,7 +155,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                 display.append_metrics(out / "metrics.jsonl", record)
             progress.update(update, {"reward": record["reward"], "kl": record["kl"], "len": record["response_length"]})
             # (8) checkpoint, never from a skipped update
-            if interrupt.requested and update < total:
+            if update < total and interrupt.requested_anywhere():
                 raise Interrupted(save(f"checkpoint-{update}", update), update)
             if recipe.train.save_every and update - position.last_saved >= recipe.train.save_every and update < total:
                 position.last_saved = update
@@ -300,15 +301,16 @@ def kl_controller(recipe: Recipe) -> ppo.FixedKLController:
 # ---------------------------------------------------------------- one update
 
 
-def check_finite(update: int, rollout: Rollout) -> None:
-    """Raise BadUpdate naming the first non-finite source of a rollout."""
+def check_finite(accelerator, update: int, rollout: Rollout) -> None:
+    """Raise BadUpdate naming the first non-finite source of a rollout, on every process if on any."""
     mask = rollout.mask
     sources = {"reward": rollout.scores, "policy logits": rollout.logprobs[mask],
                "reference logits": rollout.ref_logprobs[mask], "values": rollout.values[mask]}  # fmt: skip
-    for name, values in sources.items():
-        bad = (~torch.isfinite(values)).sum().item()
-        if bad:
-            raise BadUpdate(f"update {update}: non-finite {name} ({bad} of {values.numel()})")
+    counts = {name: (~torch.isfinite(values)).sum().item() for name, values in sources.items()}
+    found = next((f"non-finite {name} ({n} of {sources[name].numel()})" for name, n in counts.items() if n), None)
+    found = on_any_process(accelerator, found)
+    if found:
+        raise BadUpdate(f"update {update}: {found}")
 
 
 def shape_scores(rollout: Rollout, recipe: Recipe, moments: ppo.RunningMoments | None) -> torch.Tensor:
@@ -342,11 +344,13 @@ def optimise(accelerator, model, optimizer, rollout: Rollout, advantages, return
                 value = ppo.value_loss(out.values, rollout.values[index], returns[index], mask,
                                        recipe.ppo.clip_range_value)  # fmt: skip
                 loss = policy.loss + recipe.ppo.vf_coef * value.loss
+                found = None
                 if not torch.isfinite(loss):
+                    found = f"non-finite loss (policy {policy.loss.item()}, value {value.loss.item()})"
+                found = on_any_process(accelerator, found)  # before backward, a collective under FSDP
+                if found:
                     optimizer.zero_grad(set_to_none=True)
-                    raise BadUpdate(
-                        f"update {update}: non-finite loss (policy {policy.loss.item()}, value {value.loss.item()})"
-                    )
+                    raise BadUpdate(f"update {update}: {found}")
                 accelerator.backward(loss / accumulation)
             _accumulate(sums, policy, value, out, mask)
             steps += 1

@@ -95,7 +95,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     per_micro_batch = recipe.train.batch_size * accelerator.num_processes
     window, started = Window(), time.perf_counter()
     window.load(position.window)
-    with display.Progress(total_steps, "train", enabled=main) as progress, Interrupt().installed() as interrupt:
+    with (
+        display.Progress(total_steps, "train", enabled=main) as progress,
+        Interrupt(accelerator).installed() as interrupt,
+    ):
         progress.update(position.step, {})
         while position.step < total_steps:
             sampler.set_position(position.epoch, position.offset)
@@ -129,7 +132,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                 if position.offset >= len(train_set):  # the epoch is over: the next step starts a new one
                     position.epoch, position.offset = position.epoch + 1, 0
                 position.window = window.state()
-                if interrupt.requested and step < total_steps:
+                if step < total_steps and interrupt.requested_anywhere():
                     raise Interrupted(save(f"checkpoint-{step}", step), step)
                 if recipe.train.save_every and step % recipe.train.save_every == 0 and step < total_steps:
                     save(f"checkpoint-{step}", step)

@@ -256,8 +256,13 @@ class Interrupt:
     """The first SIGINT only sets `requested`: the loop saves at the next step boundary and exits.
     A second SIGINT interrupts at once, as usual."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, accelerator) -> None:
+        self.accelerator, self.requested = accelerator, False
+
+    def requested_anywhere(self) -> bool:
+        """Whether any process got SIGINT. `accelerate launch` forwards Ctrl-C to each worker on its own, so
+        two processes can see it a step apart; every process must save at the same step boundary."""
+        return on_any_process(self.accelerator, "SIGINT" if self.requested else None) is not None
 
     @contextmanager
     def installed(self) -> Iterator[Interrupt]:
@@ -271,3 +276,24 @@ class Interrupt:
             yield self
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def on_any_process(accelerator, note: str | None) -> str | None:
+    """The first process's `note` (e.g. what went wrong there), on every process. Processes that take
+    different branches (one skips an update, one stops for Ctrl-C) would wait in a collective forever."""
+    from accelerate.utils import gather_object
+
+    if accelerator.num_processes == 1:
+        return note
+    notes = gather_object([note])
+    return next((f"{n} (process {rank})" for rank, n in enumerate(notes) if n is not None), None)
+
+
+def leave_process_group() -> None:
+    """Called once every process has finished its last save. A gloo process group left to interpreter
+    shutdown can abort a finished process (SIGABRT, "terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -13,12 +15,16 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def launch(processes: int, *args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+def command(processes: int, *args: str, home: Path | None = None) -> dict:
     env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
     if home is not None:  # an empty cache: the processes would race to build the tiny model
         env["LORA_RL_HOME"] = str(home)
-    command = ["bash", str(ROOT / "scripts/launch_multi_gpu.sh"), "--cpu", str(processes), *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    args = ["bash", str(ROOT / "scripts/launch_multi_gpu.sh"), "--cpu", str(processes), *args]
+    return {"args": args, "cwd": ROOT, "text": True, "env": env}
+
+
+def launch(processes: int, *args: str, home: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(**command(processes, *args, home=home), capture_output=True, timeout=timeout)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -82,3 +88,53 @@ def test_two_process_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     timing = lambda m: {k: v for k, v in m.items() if k != "pairs_per_s"}  # noqa: E731
     assert [timing(m) for m in metrics(tmp_path / "full")] == [timing(m) for m in metrics(crashed)]
+
+
+def worker_pids(output_dir: Path) -> dict[int, int]:
+    """{rank: pid} of the workers running into output_dir (accelerate's agent starts them, with RANK set)."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = [int(v[5:]) for v in environ if v.startswith(b"RANK=")]
+        if f"output_dir={output_dir}".encode() in cmdline and rank:
+            pids[rank[0]] = int(proc.name)
+    return pids
+
+
+def test_ctrl_c_reaching_one_process_stops_all_at_the_same_step(tmp_path):
+    """accelerate's agent forwards Ctrl-C to each worker on its own, so they may see it a step apart; here only
+    process 1 gets it. All processes must save the same checkpoint (its writing takes collectives) and stop."""
+    out = tmp_path / "run"
+    settings = ["train-reward", str(ROOT / "recipes/reward-demo.yaml"), "train.save_every=0", "train.eval_every=0",
+                "train.max_steps=150", "train.log_every=1"]  # fmt: skip
+    process = subprocess.Popen(**command(2, *settings, f"output_dir={out}"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 5):
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        os.kill(worker_pids(out)[1], signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)  # processes that disagree wait in a collective forever
+    finally:
+        if process.poll() is None:  # the workers run in sessions of their own
+            for pid in [*worker_pids(out).values(), process.pid]:
+                os.kill(pid, signal.SIGKILL)
+    saved = [p.name for p in out.glob("checkpoint-*")]
+    assert len(saved) == 1 and stderr.count(f"interrupted at step {saved[0].split('-')[1]}; saved") == 2, stderr
+    resumed = launch(2, *settings, f"output_dir={out}", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [m["step"] for m in metrics(out) if m["split"] == "train"] == list(range(1, 151))
+
+
+def test_a_non_finite_reward_on_one_process_skips_the_update_on_all(tmp_path):
+    out = tmp_path / "ppo"
+    result = launch(2, "ppo", str(ROOT / "recipes/ppo-demo.yaml"), f"output_dir={out}", "ppo.rollout_batch_size=16",
+                    "reward.function=tests.nan_reward:nan_on_process_1", "ppo.max_bad_updates=2",
+                    timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("update 1: non-finite reward (16 of 16) (process 1); update skipped (1 in a row)") == 1
+    assert "stopping: 2 consecutive updates with non-finite values" in result.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
