@@ -71,16 +71,16 @@ def user_errors() -> Iterator[None]:
 @contextmanager
 def training_ends() -> Iterator[None]:
     """A finished run, or Ctrl-C that saved a checkpoint at a step boundary (then: say where, exit 130 like an
-    interrupted shell command). Either way every process saved together, so all leave the process group."""
-    from lora_rl.train_state import Interrupted, leave_process_group
+    interrupted shell command). Either way every process saved together and can end the distributed run."""
+    from lora_rl.train_state import Interrupted, end_distributed_run
 
     try:
         yield
     except Interrupted as err:
-        leave_process_group()
         display.print_warnings([str(err)])
+        end_distributed_run(130)
         raise typer.Exit(130) from None
-    leave_process_group()
+    end_distributed_run(0)
 
 
 def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
@@ -163,14 +163,14 @@ def ppo(
     policy adapter, loadable with plain peft) to output_dir.
     """
     from lora_rl import train_ppo
-    from lora_rl.train_state import leave_process_group
+    from lora_rl.train_state import end_distributed_run
 
     with user_errors(), training_ends():
         try:
             train_ppo.run(_load(recipe, overrides), overwrite=overwrite, resume=resume, allow_changes=allow_changes)
         except train_ppo.BadUpdate as err:  # every process stopped at the same update
-            leave_process_group()
             display.print_problems([str(err)])
+            end_distributed_run(1)
             raise typer.Exit(1) from None
 
 

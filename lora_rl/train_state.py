@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import random
 import re
 import shutil
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -292,8 +295,15 @@ def on_any_process(accelerator, note: str | None) -> str | None:
     return next((f"{n} (process {rank})" for rank, n in enumerate(notes) if n is not None), None)
 
 
-def leave_process_group() -> None:
-    """Called once every process has finished its last save. A gloo process group left to interpreter
-    shutdown can abort a finished process (SIGABRT, "terminate called without an active exception")."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def end_distributed_run(exit_code: int) -> None:
+    """With several processes, once all finished together (the last save done): leave the process group and
+    exit at once. Left to interpreter shutdown, gloo's threads outlive destroy_process_group and can abort
+    the process ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291) after
+    everything was saved, and the launcher then reports the whole run as failed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
