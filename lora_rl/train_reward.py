@@ -39,8 +39,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,
     )
-    if train_state.launch_problems(accelerator):
-        raise RecipeError(train_state.launch_problems(accelerator))
+    if problems := train_state.launch_problems(accelerator):
+        raise RecipeError(problems)
     main = accelerator.is_main_process
     out = train_state.start_output(accelerator, recipe, overwrite, resume_dir)
 
@@ -186,9 +186,11 @@ def tokenize(rows: list[dict], built: Built, recipe: Recipe, split: str, main: b
 def packs(built: Built, recipe: Recipe, main: bool) -> bool:
     """Whether pairs go packed (train.pack_pairs, when the model's attention takes a custom mask)."""
     attention = transformers_model(built.model).config._attn_implementation
-    if recipe.train.pack_pairs and attention not in PACKABLE_ATTENTION and main:
+    if not recipe.train.pack_pairs:
+        return False
+    if attention not in PACKABLE_ATTENTION and main:
         display.print_warnings([f"train.pack_pairs: {attention} attention takes no custom mask; pairs go unpacked"])
-    return recipe.train.pack_pairs and attention in PACKABLE_ATTENTION
+    return attention in PACKABLE_ATTENTION
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int):
