@@ -168,11 +168,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
 
 
-def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
-    """Recompute activations in backward (every layer, or every N-th: less recomputation, more memory)."""
+def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1, context_fn=None) -> None:
+    """Recompute activations in backward (every layer, or every N-th: less recomputation, more memory).
+
+    context_fn: torch.utils.checkpoint's (called at each checkpointed forward; returns the contexts of the forward
+    and of its recomputation), e.g. roles.Roles.checkpoint_contexts."""
     # With a frozen base the embedding output has no grad; enable_input_require_grads gives it one,
     # otherwise checkpointed blocks would see no input needing grad and skip the adapters' gradients.
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn else {})}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
         model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers)
     elif every_n_layers == 1:
@@ -181,6 +184,16 @@ def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1) -> 
         raise ModelError("train.checkpoint_every_n_layers > 1 needs transformers with activation_checkpointing_enable")
     model.enable_input_require_grads()
     model.config.use_cache = False  # a KV cache is useless when training and conflicts with recomputation
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout: nn.Dropout modules (GPT-2's, peft's lora_dropout) and the float `attention_dropout`
+    that Llama-style attention passes to its kernel while training."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def freeze_bottom_layers(model: nn.Module, num_layers_unfrozen: int) -> None:

@@ -163,6 +163,11 @@ class PPOConfig:
     normalize_rewards: bool = key(False, "scale scores by a running std and centre them by a running mean")
     reward_clip: float | None = key(None, "clip scores (after normalisation) to [-c, c]", POSITIVE)
     max_bad_updates: int = key(3, "stop after this many consecutive updates with non-finite values", POSITIVE_INT)
+    disable_dropout: bool = key(
+        True,
+        "zero every dropout (the model config's and lora_dropout) while training: rollouts sample without "
+        "it, so with it the policy ratio would measure dropout noise (TRL does the same); false keeps it",
+    )
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,12 @@
               classifier, or a Python function.
 
 Every switch of the active adapter goes through `Roles.use`, which restores the previous adapter in a
-`finally` and re-applies which parameters train: peft's `set_adapter` marks the adapter it activates
-trainable and all others frozen, even an adapter loaded for inference.
+`finally` and re-applies which parameters train: peft's `set_adapter` (and leaving `disable_adapter`) marks the
+adapter it activates trainable and all others frozen, even an adapter loaded for inference.
+
+Gradient checkpointing recomputes each block's forward during backward, after the scope that ran it has ended:
+`Roles.checkpoint_contexts` makes every recomputation run under the adapter its forward ran with, so a forward
+under the critic adapter is differentiated through the critic's weights, not the policy's.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import copy
 import importlib
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -50,6 +54,7 @@ class Roles:
     reward_function: RewardFunction | None = None
     reference_model: nn.Module | None = None  # full fine-tuning only: the frozen base
     trainable: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    adapters_off: bool = False  # inside use(None)
 
     def freeze_plan(self) -> None:
         """Record which LoRA parameters train (policy, critic) now, to re-apply after every switch."""
@@ -67,8 +72,13 @@ class Roles:
             yield  # full fine-tuning (nothing to switch), or already active: set_adapter walks every module
             return
         if adapter is None:
-            with self.model.disable_adapter():  # re-enables in its own finally; the active adapter is untouched
-                yield
+            self.adapters_off = True
+            try:
+                with self.model.disable_adapter():  # re-enables in its own finally; the active adapter is untouched
+                    yield
+            finally:
+                self.adapters_off = False
+                self._apply_plan()  # re-enabling made only the active adapter trainable
             return
         previous = self.model.active_adapter
         try:
@@ -78,6 +88,18 @@ class Roles:
         finally:
             self.model.set_adapter(previous)
             self._apply_plan()
+
+    @property
+    def active(self) -> str | None:
+        """The adapter forwards run under now (None: adapters off)."""
+        if not hasattr(self.model, "peft_config"):
+            return None
+        return None if self.adapters_off else self.model.active_adapter
+
+    def checkpoint_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """torch.utils.checkpoint's `context_fn`, called at each checkpointed forward: (around the forward, around
+        its recomputation in backward). The recomputation runs under the adapter active now."""
+        return nullcontext(), self.use(self.active)  # entered only when backward recomputes
 
 
 def _trains(name: str) -> bool:

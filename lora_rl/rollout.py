@@ -68,10 +68,15 @@ def collect(actor_critic: ActorCritic, roles: Roles, tokenizer, prompts: list[st
     width = prompt_ids.shape[1]
     generated = time.perf_counter()
     # Old log-probs (and shared-critic values) come from the hidden states generate computed to sample: the
-    # same weights, tokens and positions as a full forward, so the same numbers up to float summation order
-    # (held to 1e-5 by a test), and one forward pass fewer per update. generate's `scores` would not do:
-    # they are after temperature/top-k/top-p processing.
-    out = actor_critic.from_hidden(policy_hidden, input_ids, attention_mask, width)
+    # same weights, tokens and positions as a full forward, so in float32 the same numbers up to summation
+    # order (held to 1e-5 by a test), and one forward pass fewer per update. generate's `scores` would not do:
+    # they are after temperature/top-k/top-p processing. Under autocast (bf16/fp16) cached steps round
+    # differently from a full pass (a fresh adapter showed KL -0.027 against the reference at update 1), so
+    # there they come from a full forward, computed as the reference's and the training forward's are.
+    if torch.is_autocast_enabled(input_ids.device.type):
+        out = actor_critic.outputs(input_ids, attention_mask, width)
+    else:
+        out = actor_critic.from_hidden(policy_hidden, input_ids, attention_mask, width)
     ref = reference_logprobs(roles, input_ids, attention_mask, width, cfg.temperature)
     scores = score(roles, tokenizer, prompts, responses, eos.mask, input_ids, attention_mask)
     rollout = Rollout(input_ids, attention_mask, eos.mask, width, eos.has_eos, out.logprobs, ref, out.values, scores)

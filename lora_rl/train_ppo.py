@@ -26,6 +26,8 @@ from lora_rl.model import (
     base_fingerprint,
     build,
     classifier_head_name,
+    disable_dropout,
+    enable_gradient_checkpointing,
     load_base,
     load_tokenizer,
     materialize_builtins,
@@ -117,6 +119,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
             position.update += 1
             update = position.update
             prompt_texts, prompt_ids, prompt_mask = batches.next(position)
+            snapshot = UpdateSnapshot(trained, optimizer, moments)  # a skipped update is undone whole
             try:
                 # (1)-(2) sample with the policy; old log-probs, values, reference log-probs, scores; inside the
                 # prepared module's forward, where FSDP gathers the shared base's blocks
@@ -137,6 +140,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                 stats = optimise(accelerator, trained, optimizer, rollout, advantages, returns, recipe,
                                  generators["minibatch"], update)  # fmt: skip
             except BadUpdate as err:
+                snapshot.restore()
                 position.bad_in_a_row += 1
                 if main:  # the same on every process
                     display.print_warnings([f"{err}; update skipped ({position.bad_in_a_row} in a row)"])
@@ -273,6 +277,10 @@ def setup_roles(built: Built, recipe: Recipe, reward_function, resume_dir: Path 
     if resume_dir:
         load_critic(roles, resume_dir)
     roles.freeze_plan()
+    if recipe.train.gradient_checkpointing and cfg.is_lora:  # recompute each block under the adapter it ran with
+        enable_gradient_checkpointing(model, recipe.train.checkpoint_every_n_layers, roles.checkpoint_contexts)
+    if recipe.ppo.disable_dropout:
+        disable_dropout(model)  # the critic adapter has its own lora_dropout modules: after attach_critic
     return roles
 
 
@@ -320,17 +328,48 @@ def shape_scores(rollout: Rollout, recipe: Recipe, moments: ppo.RunningMoments |
     return ppo.normalize_and_clip_scores(scores, moments, recipe.ppo.reward_clip)
 
 
+class UpdateSnapshot:
+    """What an update changes (trained weights, optimizer state, running reward statistics), copied before it,
+    so that a skipped update leaves no trace. With LoRA a few MB on the device; above 100M trained parameters
+    (full fine-tuning) a copy of the weights and their optimizer state in CPU memory."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, moments: ppo.RunningMoments | None):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.state = getattr(optimizer, "optimizer", optimizer).state  # accelerate wraps the torch optimizer
+        self.device = "cpu" if sum(p.numel() for p in self.params) > 100_000_000 else None  # e.g. full FT
+        self.weights = [self._copy(p.detach()) for p in self.params]
+        self.optimizer_state = {p: {k: self._copy(v) for k, v in self.state[p].items()} for p in self.params
+                                if p in self.state}  # fmt: skip
+        self.moments, self.moments_state = moments, moments.state_dict() if moments else None
+
+    def _copy(self, value):
+        return value.to(self.device or value.device, copy=True) if torch.is_tensor(value) else value
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, weight in zip(self.params, self.weights, strict=True):
+            param.copy_(weight)
+            if param in self.optimizer_state:
+                self.state[param] = {k: v.to(param.device) if torch.is_tensor(v) else v
+                                     for k, v in self.optimizer_state[param].items()}  # fmt: skip
+            else:
+                self.state.pop(param, None)  # its first step came in the skipped update
+        if self.moments is not None:
+            self.moments.load_state_dict(self.moments_state)
+
+
 def optimise(accelerator, model, optimizer, rollout: Rollout, advantages, returns, recipe: Recipe,
              generator: torch.Generator, update: int) -> dict[str, float]:  # fmt: skip
     """ppo_epochs passes over the rollout in micro-batches; one optimizer step per accumulation group.
 
     Every loss and gradient norm is checked before its step: a non-finite one raises BadUpdate with the
-    step's gradients discarded.
+    step's gradients discarded (the caller undoes the steps already taken). With fp16 loss scaling an inf
+    gradient norm is an overflow instead: the GradScaler skips that step and lowers its scale, as usual.
     """
     micro, accumulation = recipe.train.batch_size, recipe.train.gradient_accumulation_steps
     model.train()
     sums: dict[str, float] = {}
-    steps = 0
+    steps = overflows = 0
     for _ in range(recipe.ppo.ppo_epochs):
         order = torch.randperm(len(rollout.scores), generator=generator)
         for start in range(0, len(order), micro):
@@ -359,11 +398,14 @@ def optimise(accelerator, model, optimizer, rollout: Rollout, advantages, return
                 # own clipping, whose norm covers every rank's shard, not this rank's alone.
                 norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm or math.inf)
                 if not torch.isfinite(norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    raise BadUpdate(f"update {update}: non-finite gradient norm")
+                    if accelerator.scaler is None:
+                        optimizer.zero_grad(set_to_none=True)
+                        raise BadUpdate(f"update {update}: non-finite gradient norm")
+                    overflows += 1  # step() lets the scaler skip it and update its scale (else unscale_ fails next)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-    return {name: total / steps for name, total in sums.items()}
+    averages = {name: total / steps for name, total in sums.items()}
+    return averages if accelerator.scaler is None else {**averages, "overflow_steps": overflows}
 
 
 def _accumulate(sums: dict, policy, value, out, mask) -> None:
