@@ -302,14 +302,19 @@ class RunningMoments:
 
 
 def normalize_and_clip_scores(
-    scores: torch.Tensor, moments: RunningMoments | None = None, clip: float | None = None, eps: float = 1e-8
+    scores: torch.Tensor,
+    moments: RunningMoments | None = None,
+    clip: float | None = None,
+    eps: float = 1e-8,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) scores -> (B,) scores z-scored by running moments and clipped to [-clip, clip]; None skips a step.
 
-    The moments are updated with this batch first, so the first batch is scaled by its own statistics.
+    The moments are updated first with `seen` (default: these scores), so the first batch is scaled by its own
+    statistics. With several processes pass every process's scores as `seen`: all then hold the same moments.
     """
     if moments is not None:
-        moments.update(scores)
+        moments.update(scores if seen is None else seen)
         # s <- (s - mean) / (std + eps)
         scores = (scores - moments.mean) / (moments.std + eps)
     if clip is not None:

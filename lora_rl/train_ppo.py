@@ -129,7 +129,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                     rollout, timings = trained(within=sample)
                 check_finite(accelerator, update, rollout)
                 # (3)-(4) KL-shaped per-token rewards -> advantages and returns
-                scores = shape_scores(rollout, recipe, moments)
+                scores = shape_scores(accelerator, rollout, recipe, moments)
                 kl = ppo.kl_per_token(rollout.logprobs, rollout.ref_logprobs, recipe.ppo.kl_estimator)
                 rewards = ppo.kl_shaped_rewards(scores, kl, rollout.mask, kl_control.value)
                 advantages, returns = ppo.gae(rewards, rollout.values, rollout.mask, recipe.ppo.gamma, recipe.ppo.lam)
@@ -321,11 +321,13 @@ def check_finite(accelerator, update: int, rollout: Rollout) -> None:
         raise BadUpdate(f"update {update}: {found}")
 
 
-def shape_scores(rollout: Rollout, recipe: Recipe, moments: ppo.RunningMoments | None) -> torch.Tensor:
+def shape_scores(accelerator, rollout: Rollout, recipe: Recipe, moments: ppo.RunningMoments | None) -> torch.Tensor:
     scores = rollout.scores
     if recipe.ppo.missing_eos_penalty:
         scores = ppo.penalize_missing_eos(scores, rollout.has_eos, recipe.ppo.missing_eos_penalty)
-    return ppo.normalize_and_clip_scores(scores, moments, recipe.ppo.reward_clip)
+    # the running statistics see every process's scores: the same on every process, and in the checkpoint
+    seen = accelerator.gather(scores) if moments is not None else None
+    return ppo.normalize_and_clip_scores(scores, moments, recipe.ppo.reward_clip, seen=seen)
 
 
 class UpdateSnapshot:
@@ -420,8 +422,9 @@ def update_metrics(accelerator, update: int, rollout: Rollout, kl, sequence_kl: 
                    kl_coef: float) -> dict:  # fmt: skip
     """One metrics line: rollout statistics reduced over processes, optimisation averages of this process."""
     reduce = lambda t: accelerator.reduce(t.float().mean(), "mean").item()  # noqa: E731
+    every_score = accelerator.gather(rollout.scores)  # a std over the global batch, not a mean of per-process ones
     return {
-        "update": update, "reward": reduce(rollout.scores), "reward_std": reduce(rollout.scores.std()),
+        "update": update, "reward": reduce(rollout.scores), "reward_std": every_score.std().item(),
         "kl": sequence_kl, "kl_coef": kl_coef, "response_length": reduce(rollout.mask.sum(1)),
         "eos_fraction": reduce(rollout.has_eos), **stats,
         "time_generate": timings.generate, "time_score": timings.score,

@@ -40,11 +40,15 @@ PINNED_KEYS = (
 # ---------------------------------------------------------------- writing
 
 
-def rng_states_of_all_ranks() -> list[torch.Tensor]:
-    """Every process's torch RNG state (each samples its own stream); all processes must call it."""
+def rng_states_of_all_ranks() -> list[dict[str, torch.Tensor]]:
+    """Every process's torch RNG states: the CPU's and its own GPU's (each process samples its own stream);
+    all processes must call it."""
     from accelerate.utils import gather_object
 
-    return gather_object([torch.get_rng_state()])
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()  # the process's current device: its own GPU
+    return gather_object([states])
 
 
 def optimizer_state(accelerator, model: torch.nn.Module, optimizer) -> dict:
@@ -92,15 +96,14 @@ def launch_problems(accelerator) -> list[str]:
 
 
 def write_state(directory: Path, optimizer: dict, state: dict[str, Any], generators: dict[str, torch.Generator],
-                torch_rng: list[torch.Tensor]) -> None:  # fmt: skip
-    """Optimizer tensors (`optimizer`: from `optimizer_state`), RNG states (`torch_rng`: one per process) and
-    `state` (JSON: counters, scheduler, controllers) into `directory`."""
+                torch_rng: list[dict[str, torch.Tensor]]) -> None:  # fmt: skip
+    """Optimizer tensors (`optimizer`: from `optimizer_state`), RNG states (`torch_rng`: from
+    `rng_states_of_all_ranks`, saved as torch.RANK and cuda.RANK) and `state` (JSON: counters, scheduler,
+    controllers) into `directory`."""
     tensors, groups = _flatten_optimizer(optimizer)
     save_file(tensors, directory / "optimizer.safetensors")
-    rng = {**{f"torch.{rank}": s for rank, s in enumerate(torch_rng)},
+    rng = {**{f"{kind}.{rank}": s for rank, states in enumerate(torch_rng) for kind, s in states.items()},
            **{f"generator.{k}": g.get_state() for k, g in generators.items()}}  # fmt: skip
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, directory / "rng.safetensors")
     numpy_state = np.random.get_state()
     payload = {**state, "optimizer_param_groups": groups, "python_rng": _jsonable(random.getstate()),
@@ -136,8 +139,8 @@ def read_state(directory: Path, generators: dict[str, torch.Generator], rank: in
     torch.set_rng_state(rng.get(f"torch.{rank}", rng["torch.0"]))
     for name, generator in generators.items():
         generator.set_state(rng[f"generator.{name}"])
-    if torch.cuda.is_available() and "cuda.0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())])
+    if torch.cuda.is_available() and f"cuda.{rank}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda.{rank}"])  # this process's own GPU
     random.setstate(_tuples(payload["python_rng"]))
     kind, keys, *rest = payload["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))

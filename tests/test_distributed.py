@@ -132,9 +132,41 @@ def test_ctrl_c_reaching_one_process_stops_all_at_the_same_step(tmp_path):
 def test_a_non_finite_reward_on_one_process_skips_the_update_on_all(tmp_path):
     out = tmp_path / "ppo"
     result = launch(2, "ppo", str(ROOT / "recipes/ppo-demo.yaml"), f"output_dir={out}", "ppo.rollout_batch_size=16",
-                    "reward.function=tests.nan_reward:nan_on_process_1", "ppo.max_bad_updates=2",
+                    "reward.function=tests.process_rewards:nan_on_process_1", "ppo.max_bad_updates=2",
                     timeout=300)  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.count("update 1: non-finite reward (16 of 16) (process 1); update skipped (1 in a row)") == 1
     assert "stopping: 2 consecutive updates with non-finite values" in result.stderr
     assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
+
+
+def test_two_process_ppo_resume_with_reward_normalisation_equals_uninterrupted(tmp_path):
+    """Running reward statistics are merged over every process's scores, so every process holds the same ones
+    and the checkpoint's (rank 0's) are every process's: a resumed run continues exactly."""
+    settings = [str(ROOT / "recipes/ppo-demo.yaml"), "ppo.num_updates=4", "ppo.rollout_batch_size=8",
+                "train.batch_size=4", "train.save_every=2", "ppo.normalize_rewards=true"]  # fmt: skip
+    full = launch(2, "ppo", *settings, f"output_dir={tmp_path / 'full'}", timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    crashed = tmp_path / "crashed"  # as a crash after update 3 leaves the run
+    subprocess.run(["cp", "-r", str(tmp_path / "full"), str(crashed)], check=True)
+    subprocess.run(["rm", "-rf", str(crashed / "final")], check=True)
+    resumed = launch(2, "ppo", str(crashed / "recipe.yaml"), f"output_dir={crashed}", "--resume", "auto", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(tmp_path / "full/final/adapter_model.safetensors")
+    b = load_file(crashed / "final/adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    timing = lambda m: {k: v for k, v in m.items() if not k.startswith("time_")}  # noqa: E731
+    assert [timing(m) for m in metrics(tmp_path / "full")] == [timing(m) for m in metrics(crashed)]
+    state = json.loads((crashed / "checkpoint-2/trainer_state.json").read_text())
+    assert state["reward_moments"]["count"] == 2 * 8 * 2  # 2 updates x 8 prompts x 2 processes
+
+
+def test_reward_std_is_over_every_process_s_scores(tmp_path):
+    out = tmp_path / "ppo"
+    result = launch(2, "ppo", str(ROOT / "recipes/ppo-demo.yaml"), f"output_dir={out}", "ppo.num_updates=1",
+                    "ppo.rollout_batch_size=8", "train.batch_size=8", "reward.function=tests.process_rewards:rank",
+                    timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = metrics(out)[0]
+    assert abs(line["reward"] - 0.5) < 1e-6
+    assert abs(line["reward_std"] - torch.tensor([0.0] * 8 + [1.0] * 8).std().item()) < 1e-6  # not 0

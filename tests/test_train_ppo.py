@@ -202,7 +202,8 @@ def test_initial_adapter_reference_starts_at_zero_kl(tmp_path):
 
 
 def test_non_finite_reward_skips_updates_then_stops(tmp_path):
-    result, out = demo(tmp_path, "reward.function=tests.nan_reward:nan", "ppo.max_bad_updates=2", "train.save_every=1")
+    result, out = demo(tmp_path, "reward.function=tests.process_rewards:nan", "ppo.max_bad_updates=2",
+                       "train.save_every=1")
     assert result.exit_code == 1
     assert "warning: update 1: non-finite reward (32 of 32); update skipped (1 in a row)" in result.stderr
     assert "error: stopping: 2 consecutive updates with non-finite values (ppo.max_bad_updates: 2)" in result.stderr
