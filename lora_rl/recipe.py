@@ -180,7 +180,7 @@ class CriticConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     adapter: str | None = key(None, "reward adapter directory (from train-reward) on the same base")
-    model: str | None = key(None, "a separate sequence-classifier directory (any base)")
+    model: str | None = key(None, "a separate sequence-classifier directory (any base), or a built-in tiny model")
     function: str | None = key(None, "package.module:function(prompts, completions) -> list of floats")
 
 
@@ -411,8 +411,12 @@ def _check_paths(recipe: Recipe) -> list[str]:
         problems.append(
             f"reward.adapter: {recipe.reward.adapter!r} has no adapter_config.json; expected an adapter directory"
         )
-    if recipe.reward.model is not None and not (Path(recipe.reward.model) / "config.json").is_file():
-        problems.append(f"reward.model: {recipe.reward.model!r} has no config.json; expected a model directory")
+    reward_model = recipe.reward.model
+    built_in = reward_model in TINY_MODELS
+    if reward_model is not None and not built_in and not (Path(reward_model) / "config.json").is_file():
+        problems.append(
+            f"reward.model: {reward_model!r} has no config.json; expected a model directory or a built-in model"
+        )
     for name in ("train_path", "eval_path"):
         value = getattr(recipe.data, name)
         if value is not None and not Path(value).exists():

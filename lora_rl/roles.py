@@ -89,6 +89,13 @@ class Roles:
             self.model.set_adapter(previous)
             self._apply_plan()
 
+    def place(self, device: torch.device) -> None:
+        """Move the modules that live outside the prepared (accelerate-wrapped) module to `device`: the reward
+        adapter's score head, a separate reward model, full fine-tuning's reference copy."""
+        for module in (self.reward_head, self.reward_model, self.reference_model):
+            if module is not None:
+                module.to(device)
+
     @property
     def active(self) -> str | None:
         """The adapter forwards run under now (None: adapters off)."""

@@ -81,7 +81,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     params = [p for p in actor_critic.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
     trained, optimizer = accelerator.prepare(actor_critic, optimizer)
-    batches = PromptBatches(prompts, built.tokenizer, recipe, accelerator.process_index, accelerator.num_processes)
+    roles.place(accelerator.device)
+    batches = PromptBatches(prompts, built.tokenizer, recipe, accelerator)
     kl_control = kl_controller(recipe)
     moments = ppo.RunningMoments() if recipe.ppo.normalize_rewards else None
     generators = {"minibatch": torch.Generator().manual_seed(recipe.seed)}
@@ -185,14 +186,15 @@ class PromptBatches:
     """Each update's prompts for this process: a seeded order per epoch (full batches only), dealt out to
     the processes in turn, so the data position is (epoch, offset) for every process count."""
 
-    def __init__(self, prompts: list[str], tokenizer, recipe: Recipe, rank: int, world: int):
+    def __init__(self, prompts: list[str], tokenizer, recipe: Recipe, accelerator):
         tokenized = tokenize_prompts(prompts, tokenizer, recipe.data.max_length, recipe.generation.chat_template)
-        if tokenized.truncated and rank == 0:
+        if tokenized.truncated and accelerator.is_main_process:
             display.print_warnings(
                 [f"{tokenized.truncated} prompts exceed data.max_length: their last tokens are kept"]
             )
         self.texts, self.ids, self.pad_id = prompts, tokenized.pairs, tokenizer.pad_token_id
-        self.size, self.seed, self.rank, self.world = recipe.ppo.rollout_batch_size, recipe.seed, rank, world
+        self.size, self.seed = recipe.ppo.rollout_batch_size, recipe.seed
+        self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     def next(self, position: Position) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """(texts, (B, P) left-padded ids, mask) for this process; advances `position`."""
@@ -204,7 +206,7 @@ class PromptBatches:
         chosen = order[start : start + self.size].tolist()
         position.offset += per_update
         ids, mask = pad([self.ids[i] for i in chosen], self.pad_id, "left")  # generation continues at the end
-        return [self.texts[i] for i in chosen], ids, mask
+        return [self.texts[i] for i in chosen], ids.to(self.device), mask.to(self.device)
 
 
 # ---------------------------------------------------------------- checks and setup
