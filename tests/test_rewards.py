@@ -233,3 +233,28 @@ def test_bad_prompt_rows_name_file_and_row(tmp_path, rows, problem):
 def test_reward_tensors_are_float32():
     out = score(RewardTerm(format_reward_text, 2, "f"))
     assert out.total.dtype == torch.float32 and out.per_function["f"].dtype == torch.float32
+
+
+# ---- the grpo demo's rewards and data ------------------------------------------------------------------------
+
+
+def test_demo_rewards_read_text_and_chat_completions():
+    from lora_rl.demo_rewards import correct, one_word
+
+    texts = ["cat", "the cat", "dog", "", "Cat !"]
+    answers = ["cat"] * 5
+    assert correct(texts, answers) == [1.0, 0.5, 0.0, 0.0, 1.0]
+    assert one_word(texts) == [1.0, 0.0, 1.0, 0.0, 0.0]
+    chat = as_completions([[{"role": "user", "content": "say cat"}]] * 5, texts)
+    assert correct(chat, answers) == correct(texts, answers) and one_word(chat) == one_word(texts)
+
+
+def test_demo_data_answers_are_the_last_prompt_word_and_known_to_the_tiny_tokenizer():
+    from pathlib import Path
+
+    from lora_rl.tiny import VOCAB
+
+    rows = load_prompt_rows(Path(__file__).resolve().parent.parent / "recipes/data/grpo-demo.jsonl")
+    assert len(rows) >= 200
+    assert all(row["prompt"].split()[-1] == row["answer"] for row in rows)
+    assert {word for row in rows for word in row["prompt"].split()} <= set(VOCAB)
