@@ -141,7 +141,7 @@ class GRPOLossOutput(NamedTuple):
     clip_ratio_high: torch.Tensor  # scalar, no grad: valid tokens with rho > 1 + eps_high and A > 0 (TRL's high)
     clip_ratio: torch.Tensor  # scalar, no grad: either of the two (TRL clip_ratio/region_mean)
     approx_kl: torch.Tensor  # scalar, no grad: k3 estimate of KL(old || new) over valid tokens (as ppo.policy_loss)
-    kl: torch.Tensor  # scalar, no grad: mean k3 KL(policy || reference) over valid tokens (TRL "kl"); 0 without ref
+    kl: torch.Tensor  # scalar, no grad: mean k3 KL(policy || reference) over valid tokens (TRL "kl"); 0 if beta 0
 
 
 def clipped_policy_loss(
@@ -168,11 +168,11 @@ def clipped_policy_loss(
       dapo:    S / valid tokens of this batch (TRL's default loss_type)
       dr_grpo: S / (N * max_length), a constant (max_length: generation's max new tokens)
     Pass `normalizer` when this batch is one part of a larger one (gradient accumulation, several processes):
-    the part's loss is then its share of the whole's, and the summed gradients equal the whole batch's. TRL's
-    dapo divides by the valid tokens of the whole generation batch over all processes (num_items_in_batch),
-    rescaled to one accumulation window; grpo and dr_grpo divide each micro-batch's mean by the accumulation
-    steps, which is the default here with normalizer = N_micro * accumulation steps (grpo) or
-    N_micro * max_length * accumulation steps (dr_grpo).
+    each part's loss is then its share of the whole's, and the summed gradients equal the whole batch's. Under
+    DDP/accelerate, which average gradients over processes, that is the whole's divisor / num_processes, as
+    TRL's dapo does: num_items_in_batch (valid tokens of the generation batch on all processes) / processes,
+    rescaled to one accumulation window. TRL's grpo and dr_grpo divide each micro-batch's default by the
+    accumulation steps: normalizer = N_micro * steps (grpo) or N_micro * max_length * steps (dr_grpo) here.
     """
     mask = mask.bool()
     advantages = advantages[:, None] if advantages.dim() == 1 else advantages

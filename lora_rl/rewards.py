@@ -34,7 +34,8 @@ PASSED = ("prompts", "completions", "completion_ids", "trainer_state")
 
 
 class RewardError(Exception):
-    """A reward function that cannot be called as declared, failed, or returned something unusable (one line)."""
+    """A reward function that cannot be called as declared (found by check_terms before training: exit code 2),
+    or that raised or returned something unusable during training (exit code 1). One line."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,14 @@ def call_arguments(function: Callable, columns: Sequence[str]) -> tuple[bool, li
     )
 
 
+def data_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The columns reward functions receive by name: every column but the prompt (and those TRL drops)."""
+    return [key for key in rows[0] if key not in NOT_PASSED] if rows else []
+
+
 def check_terms(terms: Sequence[RewardTerm], columns: Sequence[str]) -> None:
-    """Before training: every function callable with what the data offers, names unique, weights finite."""
+    """Before training: every function callable with what the data offers (columns: data_columns(rows)), names
+    unique, weights finite. Raises RewardError: an input problem (exit code 2)."""
     names = [term.name for term in terms]
     for term in terms:
         call_arguments(term.function, columns)
@@ -174,7 +181,7 @@ def score_functions(
     rows: the prompt row of each completion (a prompt's row repeated for each of its G completions, in order);
     texts: decoded completions (cut after the first EOS, special tokens removed); completion_ids: their tokens.
     """
-    columns = [key for key in rows[0] if key not in NOT_PASSED] if rows else []
+    columns = data_columns(rows)
     prompts = [row["prompt"] for row in rows]
     arguments = {name: [row.get(name) for row in rows] for name in columns}
     arguments |= {"prompts": prompts, "completions": as_completions(prompts, texts), "trainer_state": state}

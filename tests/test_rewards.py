@@ -17,6 +17,7 @@ from lora_rl.rewards import (
     StepState,
     as_completions,
     check_terms,
+    data_columns,
     load_prompt_rows,
     reward_metrics,
     score_functions,
@@ -168,6 +169,7 @@ def test_signatures_are_checked_before_training():
     def wants_missing(prompts, completions, solution):
         return [0.0] * len(completions)
 
+    assert data_columns([{"prompt": "p", "answer": "a", "completion": "c", "completion_ids": [1]}]) == ["answer"]
     check_terms([RewardTerm(accuracy_reward, 1.0, "a")], columns=["answer"])
     with pytest.raises(RewardError, match=r"parameter 'solution' is neither a data column \(answer\) nor one of"):
         check_terms([RewardTerm(wants_missing, 1.0, "w")], columns=["answer"])
