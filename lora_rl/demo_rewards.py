@@ -1,7 +1,8 @@
-"""Rule-based rewards for the demos (`reward.function: lora_rl.demo_rewards:praise`).
+"""Rule-based rewards for the demos: `praise` (ppo), `correct` and `one_word` (grpo).
 
-A reward function receives the prompts and the completions (texts, after the first EOS is cut) and
-returns one float per completion.
+A reward function receives the prompts and the completions (texts, after the first EOS is cut; messages for
+chat prompts), and, if it asks for them by name, the data's other columns (see lora_rl/rewards.py); it returns
+one float per completion.
 """
 
 from __future__ import annotations
@@ -22,3 +23,30 @@ def praise(prompts: list[str], completions: list[str]) -> list[float]:
         hits = sum(w in PRAISE for w in words) - sum(w in COMPLAINT for w in words)
         scores.append(max(-1.0, min(1.0, hits / 10)))
     return scores
+
+
+# The grpo demo (recipes/data/grpo-demo.jsonl, scripts/make_grpo_demo_data.py): "say the word X" -> X. Written in
+# TRL's GRPOTrainer style (columns by name, **kwargs for the rest), so they also show that style works here.
+
+
+def correct(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """1.0 when the completion's first word is the row's `answer`, 0.5 when the answer comes later, else 0.0.
+
+    The half credit gives a random model a signal it can find (the answer somewhere in a few sampled words is
+    several times likelier than in first place); one_word then pays for dropping the rest.
+    """
+    scores = []
+    for completion, expected in zip(completions, answer, strict=True):
+        words = _words(completion)
+        scores.append(1.0 if words[:1] == [expected] else 0.5 if expected in words else 0.0)
+    return scores
+
+
+def one_word(completions: list, **kwargs) -> list[float]:
+    """1.0 when the completion is a single word (the answer and then EOS), else 0.0: a small format reward."""
+    return [float(len(_words(completion)) == 1) for completion in completions]
+
+
+def _words(completion: str | list[dict]) -> list[str]:
+    text = completion if isinstance(completion, str) else completion[-1]["content"]
+    return text.lower().split()
