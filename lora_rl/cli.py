@@ -48,6 +48,7 @@ AllowChangesOpt = Annotated[
 
 class Purpose(str, Enum):
     ppo = "ppo"
+    grpo = "grpo"
     train_reward = "train-reward"
 
 
@@ -162,13 +163,37 @@ def ppo(
     reward.function. Writes metrics.jsonl, checkpoint-N/ every train.save_every updates and final/ (the
     policy adapter, loadable with plain peft) to output_dir.
     """
+    _rl("ppo", recipe, overrides, overwrite, resume, allow_changes)
+
+
+@app.command()
+def grpo(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = None,
+    allow_changes: AllowChangesOpt = False,
+) -> None:
+    """Run critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++) with a LoRA policy on one frozen base, from RECIPE.
+
+    Each step samples grpo.num_generations completions for each of grpo.prompts_per_step prompts from
+    data.train_path; scores come from reward.functions (TRL-style reward functions, weighted), reward.function,
+    reward.adapter or reward.model. Writes metrics.jsonl, checkpoint-N/ and final/ (the policy adapter).
+    """
+    _rl("grpo", recipe, overrides, overwrite, resume, allow_changes)
+
+
+def _rl(command: str, recipe: Path, overrides, overwrite: bool, resume: str | None, allow_changes: bool) -> None:
+    """ppo and grpo: one loop. A reward function that fails is the user's code failing mid-run: exit 1."""
     from lora_rl import train_ppo
+    from lora_rl.rewards import RewardError
     from lora_rl.train_state import end_distributed_run
 
     with user_errors(), training_ends():
+        resolved = _load(recipe, overrides)
         try:
-            train_ppo.run(_load(recipe, overrides), overwrite=overwrite, resume=resume, allow_changes=allow_changes)
-        except train_ppo.BadUpdate as err:  # every process stopped at the same update
+            train_ppo.run(resolved, overwrite=overwrite, resume=resume, allow_changes=allow_changes, command=command)
+        except (train_ppo.BadUpdate, RewardError) as err:  # every process stopped at the same update
             display.print_problems([str(err)])
             end_distributed_run(1)
             raise typer.Exit(1) from None

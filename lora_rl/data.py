@@ -234,14 +234,18 @@ def load_prompts(path: str | Path) -> list[str]:
     return [row["prompt"] for row in rows]
 
 
-def tokenize_prompts(prompts: list[str], tokenizer, max_length: int, chat_template: bool) -> Tokenized:
-    """Token ids per prompt (through the chat template when asked); longer prompts keep their last
-    max_length tokens, since generation continues from the end. Returned as Tokenized(pairs=ids, ...)."""
-    if chat_template and not getattr(tokenizer, "chat_template", None):
-        raise DataError(["generation.chat_template: true, but the tokenizer has no chat template; set it to false"])
-    if chat_template:
-        ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for p in prompts]  # fmt: skip
+def tokenize_prompts(prompts: list, tokenizer, max_length: int, chat_template: bool) -> Tokenized:
+    """Token ids per prompt: a text (through the chat template as a user message when asked), or a list of chat
+    messages (always through the chat template); longer prompts keep their last max_length tokens, since
+    generation continues from the end. Returned as Tokenized(pairs=ids, ...)."""
+    chat = isinstance(prompts[0], list) if prompts else False
+    if (chat or chat_template) and not getattr(tokenizer, "chat_template", None):
+        raise DataError(["prompts are chat messages or generation.chat_template is true, but the tokenizer has no "
+                         "chat template"])  # fmt: skip
+    if chat or chat_template:
+        messages = [p if chat else [{"role": "user", "content": p}] for p in prompts]
+        ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+               for m in messages]  # fmt: skip
     else:
         ids = tokenizer(prompts)["input_ids"]
     empty = [number for number, seq in enumerate(ids, start=1) if not seq]

@@ -178,10 +178,54 @@ class CriticConfig:
 
 
 @dataclass(frozen=True)
+class GRPOConfig:
+    num_steps: int = key(100, "steps (sample a group per prompt -> score -> update) to run", POSITIVE_INT)
+    prompts_per_step: int = key(8, "prompts per step per process; each gets num_generations completions",
+                                POSITIVE_INT)  # fmt: skip
+    num_generations: int = key(8, "completions per prompt (a group)",
+                               (lambda v: v >= 2, "an integer >= 2 (a group of one has no baseline)"))  # fmt: skip
+    advantage: Literal["grpo", "rloo", "reinforce_pp"] = key(
+        "grpo", "grpo: reward - group mean, scaled; rloo: leave-one-out baseline; reinforce_pp: REINFORCE++"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = key(
+        "group", "grpo advantage divided by the group's std, the batch's, or none (Dr. GRPO)"
+    )
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = key(
+        "dapo",
+        "dapo: mean over every token of the batch (TRL's default); grpo: per sequence, then over "
+        "sequences; dr_grpo: sum / (sequences x max_new_tokens)",
+    )
+    epsilon: float = key(0.2, "policy ratio clip: [1 - epsilon, 1 + epsilon_high]", POSITIVE)
+    epsilon_high: float | None = key(None, "upper clip (DAPO's clip-higher); null: epsilon", POSITIVE)
+    num_iterations: int = key(1, "passes over each generation batch (1: the policy that sampled is the one updated)",
+                              POSITIVE_INT)  # fmt: skip
+    beta: float = key(
+        0.0,
+        "KL coefficient against the reference (k3 in the loss; reinforce_pp: in the rewards); 0 runs no "
+        "reference forward at all",
+        NON_NEGATIVE,
+    )
+    reference: Literal["base", "initial_adapter"] | None = key(
+        None, "KL reference (beta > 0): the base or the starting adapter; null: initial_adapter with lora_path"
+    )
+    max_bad_updates: int = key(3, "stop after this many consecutive steps with non-finite values", POSITIVE_INT)
+    disable_dropout: bool = key(True, "zero every dropout while training (see ppo.disable_dropout)")
+
+
+@dataclass(frozen=True)
+class RewardFunctionConfig:
+    function: str = key("", "package.module:function; called as TRL's GRPOTrainer calls reward functions")
+    weight: float = key(1.0, "its weight in the summed reward")
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     adapter: str | None = key(None, "reward adapter directory (from train-reward) on the same base")
     model: str | None = key(None, "a separate sequence-classifier directory (any base), or a built-in tiny model")
-    function: str | None = key(None, "package.module:function(prompts, completions) -> list of floats")
+    function: str | None = key(None, "package.module:function(prompts, completions, **columns) -> list of floats")
+    functions: list[RewardFunctionConfig] | None = key(
+        None, "several functions, summed with weights: [{function: pkg.mod:f, weight: 1.0}, ...]"
+    )
 
 
 @dataclass(frozen=True)
@@ -191,10 +235,11 @@ class Recipe:
     actor: ActorConfig = key(ActorConfig(), "the trained model")
     data: DataConfig = key(DataConfig(), "data files")
     train: TrainConfig = key(TrainConfig(), "optimisation hyper-parameters")
-    generation: GenerationConfig = key(GenerationConfig(), "ppo: sampling of completions")
+    generation: GenerationConfig = key(GenerationConfig(), "ppo, grpo: sampling of completions")
     ppo: PPOConfig = key(PPOConfig(), "ppo: algorithm hyper-parameters")
     critic: CriticConfig = key(CriticConfig(), "ppo: the value function")
-    reward: RewardConfig = key(RewardConfig(), "ppo: where scores come from; exactly one key")
+    grpo: GRPOConfig = key(GRPOConfig(), "grpo: algorithm hyper-parameters")
+    reward: RewardConfig = key(RewardConfig(), "ppo, grpo: where scores come from; exactly one key")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -322,6 +367,10 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if dataclasses.is_dataclass(hints[name]):
             values[name] = _build(hints[name], data[name], keypath + ".", problems)
             continue
+        item = _dataclass_items(hints[name])
+        if item is not None and isinstance(data[name], list):  # e.g. reward.functions: [{function, weight}, ...]
+            values[name] = [_build(item, entry, f"{keypath}[{i}].", problems) for i, entry in enumerate(data[name])]
+            continue
         ok, value = _coerce(data[name], hints[name])
         check = f.metadata.get("check")
         if not ok:
@@ -331,6 +380,14 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         else:
             values[name] = value
     return cls(**values)
+
+
+def _dataclass_items(hint: Any) -> type | None:
+    """D for a `list[D] | None` hint whose D is a dataclass, else None."""
+    for option in typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,):
+        if typing.get_origin(option) is list and dataclasses.is_dataclass(typing.get_args(option)[0]):
+            return typing.get_args(option)[0]
+    return None
 
 
 def _did_you_mean(name: str, choices: list[str]) -> str:
@@ -389,7 +446,8 @@ def _describe(hint: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(str(v) for v in typing.get_args(hint))
     if origin is list:
-        return "a list of strings"  # the only list type in the schema
+        (item,) = typing.get_args(hint)
+        return "a list of mappings" if dataclasses.is_dataclass(item) else "a list of strings"
     names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names[hint]
 

@@ -34,9 +34,10 @@ from lora_rl import checkpoint
 from lora_rl.model import ModelError, base_contradictions
 from lora_rl.ppo import entropy_from_logits, gather_logprobs
 from lora_rl.reward_model import at_last_token, hidden_states, no_split_modules, transformers_model
+from lora_rl.rewards import RewardTerm
 
 POLICY, CRITIC, REWARD, REFERENCE = "default", "critic", "reward", "reference"
-RewardFunction = Callable[[list[str], list[str]], list[float]]
+RewardFunction = Callable[..., list[float | None]]
 T = TypeVar("T")
 
 
@@ -45,13 +46,13 @@ class Roles:
     """The shared base (a PeftModel) and what each role adds to it."""
 
     model: nn.Module  # PeftModel with the policy adapter, and maybe critic / reward / reference adapters
-    value_head: nn.Linear  # (H -> 1), on the policy's or the critic adapter's hidden state
+    value_head: nn.Linear | None  # (H -> 1), on the policy's or the critic adapter's hidden state; None: no critic
     critic_adapter: str | None  # None: shared critic (one forward gives logits and values)
     reference_adapter: str | None  # None: the base with adapters off
     reward_head: nn.Linear | None = None  # the reward adapter's score layer
     reward_model: nn.Module | None = None  # a separate sequence classifier (lora_rl.reward_model.RewardModel)
     reward_tokenizer: object = None
-    reward_function: RewardFunction | None = None
+    reward_terms: list[RewardTerm] | None = None  # reward functions with their weights
     reference_model: nn.Module | None = None  # full fine-tuning only: the frozen base
     trainable: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     adapters_off: bool = False  # inside use(None)
@@ -232,6 +233,8 @@ class ActorCritic(nn.Module):
         if self.roles.critic_adapter is not None:
             with self.roles.use(self.roles.critic_adapter):
                 hidden = response_hidden(self.roles.model, input_ids, attention_mask, prompt_width)
+        if self.value_head is None:  # no critic (grpo)
+            return ActorCriticOutput(logprobs, entropy, torch.zeros_like(logprobs))
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return ActorCriticOutput(logprobs, entropy, values)
 

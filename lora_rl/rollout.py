@@ -14,6 +14,7 @@ from lora_rl import ppo
 from lora_rl.data import pad
 from lora_rl.recipe import GenerationConfig
 from lora_rl.reward_model import RewardModel
+from lora_rl.rewards import FunctionRewards, StepState, score_functions
 from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, output_layer, reference_logprobs
 
 
@@ -24,9 +25,11 @@ class Rollout(NamedTuple):
     prompt_width: int  # P
     has_eos: torch.Tensor  # (B,) bool
     logprobs: torch.Tensor  # (B, R) float32: the policy's, at sampling time ("old" log-probs)
-    ref_logprobs: torch.Tensor  # (B, R) float32: the reference's
-    values: torch.Tensor  # (B, R) float32: the critic's, at sampling time
-    scores: torch.Tensor  # (B,) float32: raw scores from the reward
+    ref_logprobs: torch.Tensor | None  # (B, R) float32: the reference's; None when nothing needs it (grpo, beta 0)
+    values: torch.Tensor  # (B, R) float32: the critic's, at sampling time (zeros without a critic)
+    scores: torch.Tensor  # (B,) float32: raw scores from the reward (weighted sum of the judging functions)
+    judged: torch.Tensor  # (B,) bool: a score was given (a reward function may return None for a row)
+    reward_parts: dict[str, torch.Tensor]  # reward function name -> (B,) its own rewards, nan where None
 
 
 class Timings(NamedTuple):
@@ -57,9 +60,13 @@ def generate(roles: Roles, tokenizer, prompt_ids: torch.Tensor, prompt_mask: tor
 
 
 @torch.no_grad()
-def collect(actor_critic: ActorCritic, roles: Roles, tokenizer, prompts: list[str], prompt_ids: torch.Tensor,
-            prompt_mask: torch.Tensor, cfg: GenerationConfig) -> tuple[Rollout, Timings]:  # fmt: skip
-    """Sample, then score: old log-probs and values, reference log-probs, rewards."""
+def collect(actor_critic: ActorCritic, roles: Roles, tokenizer, rows: list[dict], prompt_ids: torch.Tensor,
+            prompt_mask: torch.Tensor, cfg: GenerationConfig, reference: bool = True,
+            state: StepState | None = None) -> tuple[Rollout, Timings]:  # fmt: skip
+    """Sample, then score: old log-probs and values, reference log-probs (if `reference`), rewards.
+
+    rows: each prompt's data row ({"prompt": ..., other columns}); state: what reward functions get as
+    trainer_state."""
     started = time.perf_counter()
     responses, policy_hidden = generate(roles, tokenizer, prompt_ids, prompt_mask, cfg)
     eos = ppo.response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -77,24 +84,30 @@ def collect(actor_critic: ActorCritic, roles: Roles, tokenizer, prompts: list[st
         out = actor_critic.outputs(input_ids, attention_mask, width)
     else:
         out = actor_critic.from_hidden(policy_hidden, input_ids, attention_mask, width)
-    ref = reference_logprobs(roles, input_ids, attention_mask, width, cfg.temperature)
-    scores = score(roles, tokenizer, prompts, responses, eos.mask, input_ids, attention_mask)
-    rollout = Rollout(input_ids, attention_mask, eos.mask, width, eos.has_eos, out.logprobs, ref, out.values, scores)
+    ref = reference_logprobs(roles, input_ids, attention_mask, width, cfg.temperature) if reference else None
+    found = score(roles, tokenizer, rows, responses, eos.mask, input_ids, attention_mask, state or StepState())
+    rollout = Rollout(input_ids, attention_mask, eos.mask, width, eos.has_eos, out.logprobs, ref, out.values,
+                      *found)  # fmt: skip
     return rollout, Timings(generated - started, time.perf_counter() - generated)
 
 
-def score(roles: Roles, tokenizer, prompts: list[str], responses: torch.Tensor, mask: torch.Tensor,
-          input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """(B,) float32 scores from whichever reward the recipe names."""
+def score(roles: Roles, tokenizer, rows: list[dict], responses: torch.Tensor, mask: torch.Tensor,
+          input_ids: torch.Tensor, attention_mask: torch.Tensor, state: StepState) -> FunctionRewards:  # fmt: skip
+    """(B,) float32 scores from whichever reward the recipe names, which rows were judged, and each reward
+    function's own rewards."""
     if roles.reward_head is not None:
-        return adapter_rewards(roles, input_ids, attention_mask)
+        return _every_row(adapter_rewards(roles, input_ids, attention_mask))
     completions = decode(tokenizer, responses, mask)
-    if roles.reward_function is not None:
-        values = roles.reward_function(prompts, completions)
-        if len(values) != len(prompts):
-            raise ValueError(f"reward.function returned {len(values)} scores for {len(prompts)} completions")
-        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=responses.device)
-    return model_rewards(roles.reward_model, roles.reward_tokenizer, prompts, completions, responses.device)
+    if roles.reward_terms:
+        ids = [row[m.bool()].tolist() for row, m in zip(responses, mask, strict=True)]
+        return score_functions(roles.reward_terms, rows, completions, ids, state, responses.device)
+    prompts = [row["prompt"] for row in rows]
+    return _every_row(model_rewards(roles.reward_model, roles.reward_tokenizer, prompts, completions,
+                                    responses.device))  # fmt: skip
+
+
+def _every_row(scores: torch.Tensor) -> FunctionRewards:
+    return FunctionRewards(scores, torch.ones_like(scores, dtype=torch.bool), {})
 
 
 def decode(tokenizer, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:

@@ -1,8 +1,9 @@
-"""`lora-rl ppo`: PPO with a LoRA policy on one shared frozen base.
+"""`lora-rl ppo` and `lora-rl grpo`: one RL loop with a LoRA policy on one shared frozen base.
 
-run(recipe): check everything -> one base serving policy, reference, critic and reward -> for each
-update: (1) sample (2) score (3) KL-shaped rewards (4) GAE + whitening (5) PPO epochs (6) KL controller
-(7) log (8) checkpoint. Non-finite values skip an update's optimizer steps and its checkpoint.
+run(recipe, command): check everything -> one base serving policy, reference, critic (ppo) and reward -> for
+each update: (1) sample (grpo: a group of completions per prompt) (2) score (3)-(4) advantages (ppo: KL-shaped
+rewards, GAE, whitening; grpo: group-relative estimators; lora_rl.objectives) (5) epochs over micro-batches
+(6) KL controller / group statistics (7) log (8) checkpoint. Non-finite values undo the whole update.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from lora_rl import checkpoint, display, ppo, train_state
-from lora_rl.data import load_prompts, pad, tokenize_prompts
+from lora_rl.data import pad, tokenize_prompts
 from lora_rl.model import (
     Built,
     base_fingerprint,
@@ -33,8 +35,18 @@ from lora_rl.model import (
     materialize_builtins,
     resolve_path,
 )
+from lora_rl.objectives import Advantages, objective_for
 from lora_rl.recipe import Recipe, RecipeError
 from lora_rl.reward_model import RewardModel
+from lora_rl.rewards import (
+    RewardError,
+    RewardTerm,
+    StepState,
+    check_terms,
+    data_columns,
+    load_prompt_rows,
+    reward_metrics,
+)
 from lora_rl.roles import (
     CRITIC,
     ActorCritic,
@@ -52,8 +64,9 @@ class BadUpdate(Exception):
     """A non-finite value at an update: nothing from this update is applied or saved."""
 
 
-def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False) -> Path:
-    """Run the PPO recipe; returns the final policy adapter directory.
+def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False,
+        command: str = "ppo") -> Path:  # fmt: skip
+    """Run the `ppo` or `grpo` recipe; returns the final policy adapter directory.
 
     `resume` (or train.resume): "auto", a checkpoint or a run directory to continue from.
     """
@@ -61,13 +74,14 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     from accelerate.utils import set_seed
 
     # 1. Everything that can be wrong with the input, before any model loads.
-    check_recipe(recipe)
-    prompts = load_prompts(recipe.data.train_path)
-    reward_function = import_reward(recipe)
+    check_recipe(recipe, command)
+    schedule = schedule_of(recipe, command)
+    rows = load_prompt_rows(recipe.data.train_path)
+    terms = import_rewards(recipe, rows)
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     materialize_builtins(recipe)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)  # accumulation is handled below
-    check_launch(accelerator, recipe, len(prompts))
+    check_launch(accelerator, recipe, schedule, len(rows))
     main = accelerator.is_main_process
     out = train_state.start_output(accelerator, recipe, overwrite, resume_dir)
 
@@ -76,15 +90,14 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     built = build(train_state.resumed_recipe(recipe, resume_dir), "causal-lm")
     if main:
         display.print_model_report(built.report)
-    roles = setup_roles(built, recipe, reward_function, resume_dir)
+    objective = objective_for(command, recipe)
+    roles = setup_roles(built, recipe, terms, schedule, objective, resume_dir)
     actor_critic = ActorCritic(roles, recipe.generation.temperature)
     params = [p for p in actor_critic.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
     trained, optimizer = accelerator.prepare(actor_critic, optimizer)
     roles.place(accelerator.device)
-    batches = PromptBatches(prompts, built.tokenizer, recipe, accelerator)
-    kl_control = kl_controller(recipe)
-    moments = ppo.RunningMoments() if recipe.ppo.normalize_rewards else None
+    batches = PromptBatches(rows, built.tokenizer, recipe, schedule, accelerator)
     generators = {"minibatch": torch.Generator().manual_seed(recipe.seed)}
     position = Position()
     # Each process samples its own completions: same weights (DDP broadcast rank 0's), its own sampling stream.
@@ -93,15 +106,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
         saved, optimizer_saved = train_state.read_state(resume_dir, generators, accelerator.process_index)
         train_state.load_optimizer_state(accelerator, trained, optimizer, optimizer_saved)
         position = Position(**saved["position"])
-        kl_control.load_state_dict(saved["kl_controller"])
-        if moments is not None:
-            moments.load_state_dict(saved["reward_moments"])
+        objective.load_state_dict(saved)
         if main:
             train_state.trim_metrics(out / "metrics.jsonl", "update", position.update)
 
     def save(name: str, update: int) -> Path:
-        state = {"position": position.__dict__, "kl_controller": kl_control.state_dict(),
-                 "reward_moments": moments.state_dict() if moments else None}  # fmt: skip
+        state = {"position": position.__dict__, **objective.state_dict()}
         rng = train_state.rng_states_of_all_ranks()
         optimizer_state = train_state.optimizer_state(accelerator, trained, optimizer)
 
@@ -113,52 +123,48 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
             train_state.rotate(out, recipe.train.save_total_limit)
         return directory
 
-    total = recipe.ppo.num_updates
-    with display.Progress(total, "ppo", enabled=main) as progress, Interrupt(accelerator).installed() as interrupt:
+    total = schedule.updates
+    with display.Progress(total, command, enabled=main) as progress, Interrupt(accelerator).installed() as interrupt:
         progress.update(position.update, {})
         while position.update < total:
             position.update += 1
             update = position.update
-            prompt_texts, prompt_ids, prompt_mask = batches.next(position)
-            snapshot = UpdateSnapshot(trained, optimizer, moments)  # a skipped update is undone whole
+            prompt_rows, prompt_ids, prompt_mask = batches.next(position)
+            snapshot = UpdateSnapshot(trained, optimizer, objective.moments)  # a skipped update is undone whole
             try:
                 # (1)-(2) sample with the policy; old log-probs, values, reference log-probs, scores; inside the
                 # prepared module's forward, where FSDP gathers the shared base's blocks
-                sample = partial(collect, actor_critic, roles, built.tokenizer, prompt_texts, prompt_ids, prompt_mask,
-                                 recipe.generation)  # fmt: skip
+                sample = partial(collect, actor_critic, roles, built.tokenizer, prompt_rows, prompt_ids, prompt_mask,
+                                 recipe.generation, objective.needs_reference,
+                                 StepState(update - 1, total))  # fmt: skip
                 with torch.no_grad():
                     rollout, timings = trained(within=sample)
-                check_finite(accelerator, update, rollout)
-                # (3)-(4) KL-shaped per-token rewards -> advantages and returns
-                scores = shape_scores(accelerator, rollout, recipe, moments)
-                kl = ppo.kl_per_token(rollout.logprobs, rollout.ref_logprobs, recipe.ppo.kl_estimator)
-                rewards = ppo.kl_shaped_rewards(scores, kl, rollout.mask, kl_control.value)
-                advantages, returns = ppo.gae(rewards, rollout.values, rollout.mask, recipe.ppo.gamma, recipe.ppo.lam)
-                if recipe.ppo.whiten_advantages:
-                    advantages = ppo.masked_whiten(advantages, rollout.mask)
-                # (5) PPO epochs over micro-batches, an optimizer step per accumulation group
+                check_finite(accelerator, update, rollout, schedule)
+                # (3)-(4) advantages: ppo's KL-shaped rewards + GAE, or grpo's group-relative estimators
+                found = objective.advantages(accelerator, rollout)
+                # (5) epochs over micro-batches, an optimizer step per accumulation group
                 started = time.perf_counter()
-                stats = optimise(accelerator, trained, optimizer, rollout, advantages, returns, recipe,
-                                 generators["minibatch"], update)  # fmt: skip
+                stats = optimise(accelerator, trained, optimizer, rollout, found, objective, recipe,
+                                 schedule.epochs, generators["minibatch"], update)  # fmt: skip
             except BadUpdate as err:
                 snapshot.restore()
                 position.bad_in_a_row += 1
                 if main:  # the same on every process
                     display.print_warnings([f"{err}; update skipped ({position.bad_in_a_row} in a row)"])
-                if position.bad_in_a_row >= recipe.ppo.max_bad_updates:
+                if position.bad_in_a_row >= schedule.max_bad_updates:
                     raise BadUpdate(f"stopping: {position.bad_in_a_row} consecutive updates with non-finite values "
-                                    f"(ppo.max_bad_updates: {recipe.ppo.max_bad_updates})") from None  # fmt: skip
+                                    f"({command}.max_bad_updates: {schedule.max_bad_updates})") from None  # fmt: skip
                 continue
             position.bad_in_a_row = 0
-            # (6) KL controller: per-sequence KL summed over tokens, averaged over the batch
-            sequence_kl = accelerator.reduce((kl * rollout.mask).sum(1).mean(), "mean").item()
-            kl_control.update(sequence_kl, len(scores) * accelerator.num_processes)
-            # (7) log
-            record = update_metrics(accelerator, update, rollout, kl, sequence_kl, stats, timings, kl_control.value)
-            record["time_train"] = time.perf_counter() - started
+            # (6) KL controller (ppo), group statistics (grpo); (7) log
+            record = {"update": update, **rollout_metrics(accelerator, rollout),
+                      **objective.after_update(accelerator, rollout, found), **stats,
+                      "time_generate": timings.generate, "time_score": timings.score,
+                      "time_train": time.perf_counter() - started}  # fmt: skip
             if main:
                 display.append_metrics(out / "metrics.jsonl", record)
-            progress.update(update, {"reward": record["reward"], "kl": record["kl"], "len": record["response_length"]})
+            shown = {k: record[k] for k in ("reward", "kl") if k in record}
+            progress.update(update, {**shown, "len": record["response_length"]})
             # (8) checkpoint, never from a skipped update
             if update < total and interrupt.requested_anywhere():
                 raise Interrupted(save(f"checkpoint-{update}", update), update)
@@ -171,9 +177,38 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     return final
 
 
+class Schedule(NamedTuple):
+    """The loop's sizes and switches, read from the ppo or the grpo section."""
+
+    command: str
+    updates: int
+    prompts: int  # distinct prompts per update per process
+    generations: int  # completions per prompt (grpo's group)
+    epochs: int  # passes over each rollout batch
+    reference: str | None
+    max_bad_updates: int
+    disable_dropout: bool
+    batch_key: str  # what the recipe calls the batch, for messages
+
+    @property
+    def completions(self) -> int:
+        return self.prompts * self.generations
+
+
+def schedule_of(recipe: Recipe, command: str) -> Schedule:
+    if command == "ppo":
+        c = recipe.ppo
+        return Schedule("ppo", c.num_updates, c.rollout_batch_size, 1, c.ppo_epochs, c.reference, c.max_bad_updates,
+                        c.disable_dropout, f"ppo.rollout_batch_size: {c.rollout_batch_size}")  # fmt: skip
+    c = recipe.grpo
+    batch = f"grpo.prompts_per_step x grpo.num_generations: {c.prompts_per_step} x {c.num_generations}"
+    return Schedule("grpo", c.num_steps, c.prompts_per_step, c.num_generations, c.num_iterations, c.reference,
+                    c.max_bad_updates, c.disable_dropout, batch)  # fmt: skip
+
+
 @dataclass
 class Position:
-    """Where a PPO run is: updates done, the next prompt's (epoch, offset), and the guards' counters."""
+    """Where a run is: updates done, the next prompt's (epoch, offset), and the guards' counters."""
 
     update: int = 0
     epoch: int = 0
@@ -184,54 +219,58 @@ class Position:
 
 class PromptBatches:
     """Each update's prompts for this process: a seeded order per epoch (full batches only), dealt out to
-    the processes in turn, so the data position is (epoch, offset) for every process count."""
+    the processes in turn, so the data position is (epoch, offset) for every process count. Each prompt
+    comes `generations` times in a row (grpo's group; 1 for ppo)."""
 
-    def __init__(self, prompts: list[str], tokenizer, recipe: Recipe, accelerator):
+    def __init__(self, rows: list[dict], tokenizer, recipe: Recipe, schedule: Schedule, accelerator):
+        prompts = [row["prompt"] for row in rows]
         tokenized = tokenize_prompts(prompts, tokenizer, recipe.data.max_length, recipe.generation.chat_template)
         if tokenized.truncated and accelerator.is_main_process:
             display.print_warnings(
                 [f"{tokenized.truncated} prompts exceed data.max_length: their last tokens are kept"]
             )
-        self.texts, self.ids, self.pad_id = prompts, tokenized.pairs, tokenizer.pad_token_id
-        self.size, self.seed = recipe.ppo.rollout_batch_size, recipe.seed
+        self.rows, self.ids, self.pad_id = rows, tokenized.pairs, tokenizer.pad_token_id
+        self.size, self.repeat, self.seed = schedule.prompts, schedule.generations, recipe.seed
         self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
-    def next(self, position: Position) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """(texts, (B, P) left-padded ids, mask) for this process; advances `position`."""
+    def next(self, position: Position) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+        """(rows, (B, P) left-padded ids, mask) for this process, B = prompts x generations; advances `position`."""
         per_update = self.size * self.world
-        if position.offset + per_update > len(self.texts):
+        if position.offset + per_update > len(self.rows):
             position.epoch, position.offset = position.epoch + 1, 0
-        order = torch.randperm(len(self.texts), generator=torch.Generator().manual_seed(self.seed + position.epoch))
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + position.epoch))
         start = position.offset + self.rank * self.size
-        chosen = order[start : start + self.size].tolist()
+        chosen = [i for i in order[start : start + self.size].tolist() for _ in range(self.repeat)]
         position.offset += per_update
         ids, mask = pad([self.ids[i] for i in chosen], self.pad_id, "left")  # generation continues at the end
-        return [self.texts[i] for i in chosen], ids.to(self.device), mask.to(self.device)
+        return [self.rows[i] for i in chosen], ids.to(self.device), mask.to(self.device)
 
 
 # ---------------------------------------------------------------- checks and setup
 
 
-def check_recipe(recipe: Recipe) -> None:
-    """PPO-specific problems, all at once, before any model loads."""
+def check_recipe(recipe: Recipe, command: str = "ppo") -> None:
+    """The command's problems with the recipe, all at once, before any model loads."""
     problems = []
-    reward_keys = [k for k in ("adapter", "model", "function") if getattr(recipe.reward, k) is not None]
+    reward_keys = [k for k in ("adapter", "model", "function", "functions") if getattr(recipe.reward, k) is not None]
     if len(reward_keys) != 1:
         found = ", ".join(f"reward.{k}" for k in reward_keys) or "none"
-        problems.append(f"reward: set exactly one of reward.adapter, reward.model, reward.function (found: {found})")
+        problems.append("reward: set exactly one of reward.adapter, reward.model, reward.function, reward.functions "
+                        f"(found: {found})")  # fmt: skip
     if recipe.data.train_path is None:
         problems.append("data.train_path: got null; expected a file of prompts (a 'prompt' column)")
+    schedule = schedule_of(recipe, command)
     micro, accumulation = recipe.train.batch_size, recipe.train.gradient_accumulation_steps
-    if recipe.ppo.rollout_batch_size % (micro * accumulation):
+    if schedule.completions % (micro * accumulation):
         problems.append(
-            f"ppo.rollout_batch_size: {recipe.ppo.rollout_batch_size} is not divisible by train.batch_size x "
-            f"train.gradient_accumulation_steps = {micro} x {accumulation}; "
-            f"expected a multiple of {micro * accumulation}"
+            f"{schedule.batch_key} is not divisible by train.batch_size x train.gradient_accumulation_steps = "
+            f"{micro} x {accumulation}; expected a multiple of {micro * accumulation}"
         )
     model = recipe.actor.model
-    if recipe.ppo.reference == "initial_adapter" and not (model.is_lora and model.lora_path):
-        problems.append("ppo.reference: initial_adapter needs actor.model.lora_path (the adapter to start from)")
-    if not model.is_lora and (recipe.reward.adapter or recipe.critic.mode == "adapter"):
+    if schedule.reference == "initial_adapter" and not (model.is_lora and model.lora_path):
+        problems.append(f"{command}.reference: initial_adapter needs actor.model.lora_path (the adapter to start from)")
+    critic_adapter = command == "ppo" and recipe.critic.mode == "adapter"
+    if not model.is_lora and (recipe.reward.adapter or critic_adapter):
         problems.append("reward.adapter and critic.mode: adapter share the policy's base: they need is_lora: true")
     if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         problems.append(
@@ -241,52 +280,70 @@ def check_recipe(recipe: Recipe) -> None:
         raise RecipeError(problems)
 
 
-def check_launch(accelerator, recipe: Recipe, prompts: int) -> None:
+def check_launch(accelerator, recipe: Recipe, schedule: Schedule, prompts: int) -> None:
     """Problems that depend on how the command was launched."""
     problems = train_state.launch_problems(accelerator)
     if accelerator.distributed_type.value == "DEEPSPEED":
-        problems.append("ppo: DeepSpeed is not supported yet (PPO accumulates gradients itself, DeepSpeed steps "
-                        "inside backward): launch with recipes/accelerate/fsdp.yaml or multi_gpu.yaml")  # fmt: skip
-    needed = recipe.ppo.rollout_batch_size * accelerator.num_processes
+        problems.append(f"{schedule.command}: DeepSpeed is not supported yet (the loop accumulates gradients itself, "
+                        "DeepSpeed steps inside backward): launch with recipes/accelerate/fsdp.yaml or "
+                        "multi_gpu.yaml")  # fmt: skip
+    needed = schedule.prompts * accelerator.num_processes
     if prompts < needed:
-        problems.append(f"ppo.rollout_batch_size: {recipe.ppo.rollout_batch_size} x {accelerator.num_processes} "
-                        f"process(es) needs {needed} prompts; {recipe.data.train_path} has {prompts}")  # fmt: skip
+        what = "ppo.rollout_batch_size" if schedule.command == "ppo" else "grpo.prompts_per_step"
+        problems.append(f"{what}: {schedule.prompts} x {accelerator.num_processes} process(es) needs {needed} "
+                        f"prompts; {recipe.data.train_path} has {prompts}")  # fmt: skip
     if problems:
         raise RecipeError(problems)
 
 
-def import_reward(recipe: Recipe):
-    return import_reward_function(recipe.reward.function) if recipe.reward.function else None
+def import_rewards(recipe: Recipe, rows: list[dict]) -> list[RewardTerm] | None:
+    """reward.function or reward.functions, imported and checked against the data's columns (before training)."""
+    reward = recipe.reward
+    specs = [(reward.function, 1.0)] if reward.function else [(f.function, f.weight) for f in reward.functions or []]
+    if not specs:
+        return None
+    terms = [RewardTerm(import_reward_function(spec), weight, spec.rpartition(":")[2]) for spec, weight in specs]
+    try:
+        check_terms(terms, data_columns(rows))
+    except RewardError as err:  # found before training: an input problem
+        raise RecipeError([str(err)]) from None
+    return terms
 
 
-def setup_roles(built: Built, recipe: Recipe, reward_function, resume_dir: Path | None = None) -> Roles:
-    """Attach critic, reference and reward to the policy's base; freeze all but policy, critic and heads.
-    When resuming, the value head and critic adapter come from the checkpoint."""
+def setup_roles(built: Built, recipe: Recipe, terms: list[RewardTerm] | None, schedule: Schedule, objective,
+                resume_dir: Path | None = None) -> Roles:  # fmt: skip
+    """Attach critic (ppo), reference (when the objective needs one) and reward to the policy's base; freeze all
+    but policy, critic and heads. When resuming, the value head and critic adapter come from the checkpoint."""
     model, cfg = built.model, recipe.actor.model
     if cfg.is_lora:
-        value_head, critic = attach_critic(model, recipe.critic.mode)
-        reference = recipe.ppo.reference or ("initial_adapter" if cfg.lora_path else "base")
-        roles = Roles(model, value_head, critic, attach_reference(model, reference, cfg.lora_path))
+        value_head, critic = attach_critic(model, recipe.critic.mode) if objective.critic else (None, None)
+        reference = schedule.reference or ("initial_adapter" if cfg.lora_path else "base")
+        adapter = attach_reference(model, reference, cfg.lora_path) if objective.needs_reference else None
+        roles = Roles(model, value_head, critic, adapter)
     else:
-        value_head, _ = attach_critic(model, "shared")
-        reference_model = load_base(built.report.base_path, cfg, "causal-lm", built.tokenizer).requires_grad_(False)
+        value_head = attach_critic(model, "shared")[0] if objective.critic else None
+        reference_model = None
+        if objective.needs_reference:
+            reference_model = load_base(built.report.base_path, cfg, "causal-lm", built.tokenizer).requires_grad_(False)
         roles = Roles(model, value_head, None, None, reference_model=reference_model)
     if recipe.reward.adapter:
         roles.reward_head = attach_reward_adapter(model, recipe.reward.adapter)
     elif recipe.reward.model:
         roles.reward_model, roles.reward_tokenizer = load_reward_model(recipe)
-    roles.reward_function = reward_function
+    roles.reward_terms = terms
     if resume_dir:
         load_critic(roles, resume_dir)
     roles.freeze_plan()
     if recipe.train.gradient_checkpointing and cfg.is_lora:  # recompute each block under the adapter it ran with
         enable_gradient_checkpointing(model, recipe.train.checkpoint_every_n_layers, roles.checkpoint_contexts)
-    if recipe.ppo.disable_dropout:
+    if schedule.disable_dropout:
         disable_dropout(model)  # the critic adapter has its own lora_dropout modules: after attach_critic
     return roles
 
 
 def load_critic(roles: Roles, directory: Path) -> None:
+    if roles.value_head is None:
+        return
     roles.value_head.load_state_dict(load_file(directory / "value_head.safetensors"))
     if roles.critic_adapter:
         weights = load_file(directory / CRITIC / "adapter_model.safetensors")
@@ -302,34 +359,25 @@ def load_reward_model(recipe: Recipe):
     return RewardModel(model, classifier_head_name(model)), tokenizer
 
 
-def kl_controller(recipe: Recipe) -> ppo.FixedKLController:
-    if recipe.ppo.adaptive_kl:
-        return ppo.AdaptiveKLController(recipe.ppo.kl_coef, recipe.ppo.target_kl, recipe.ppo.kl_horizon)
-    return ppo.FixedKLController(recipe.ppo.kl_coef)
-
-
 # ---------------------------------------------------------------- one update
 
 
-def check_finite(accelerator, update: int, rollout: Rollout) -> None:
-    """Raise BadUpdate naming the first non-finite source of a rollout, on every process if on any."""
+def check_finite(accelerator, update: int, rollout: Rollout, schedule: Schedule) -> None:
+    """Raise BadUpdate naming the first non-finite source of a rollout, on every process if on any. ppo needs a
+    score for every completion: a reward function returning None there is an error (grpo leaves such rows out)."""
+    if schedule.command == "ppo" and not rollout.judged.all():
+        missing = int((~rollout.judged).sum())
+        raise RewardError(f"update {update}: the reward function returned None for {missing} of "
+                          f"{len(rollout.judged)} completions; ppo needs a score for every one")  # fmt: skip
     mask = rollout.mask
-    sources = {"reward": rollout.scores, "policy logits": rollout.logprobs[mask],
-               "reference logits": rollout.ref_logprobs[mask], "values": rollout.values[mask]}  # fmt: skip
+    sources = {"reward": rollout.scores, "policy logits": rollout.logprobs[mask], "values": rollout.values[mask]}
+    if rollout.ref_logprobs is not None:
+        sources["reference logits"] = rollout.ref_logprobs[mask]
     counts = {name: (~torch.isfinite(values)).sum().item() for name, values in sources.items()}
     found = next((f"non-finite {name} ({n} of {sources[name].numel()})" for name, n in counts.items() if n), None)
     found = on_any_process(accelerator, found)
     if found:
         raise BadUpdate(f"update {update}: {found}")
-
-
-def shape_scores(accelerator, rollout: Rollout, recipe: Recipe, moments: ppo.RunningMoments | None) -> torch.Tensor:
-    scores = rollout.scores
-    if recipe.ppo.missing_eos_penalty:
-        scores = ppo.penalize_missing_eos(scores, rollout.has_eos, recipe.ppo.missing_eos_penalty)
-    # the running statistics see every process's scores: the same on every process, and in the checkpoint
-    seen = accelerator.gather(scores) if moments is not None else None
-    return ppo.normalize_and_clip_scores(scores, moments, recipe.ppo.reward_clip, seen=seen)
 
 
 class UpdateSnapshot:
@@ -362,9 +410,10 @@ class UpdateSnapshot:
             self.moments.load_state_dict(self.moments_state)
 
 
-def optimise(accelerator, model, optimizer, rollout: Rollout, advantages, returns, recipe: Recipe,
-             generator: torch.Generator, update: int) -> dict[str, float]:  # fmt: skip
-    """ppo_epochs passes over the rollout in micro-batches; one optimizer step per accumulation group.
+def optimise(accelerator, model, optimizer, rollout: Rollout, found: Advantages, objective, recipe: Recipe,
+             epochs: int, generator: torch.Generator, update: int) -> dict[str, float]:  # fmt: skip
+    """`epochs` passes over the rollout in micro-batches; one optimizer step per accumulation group; the
+    objective gives each micro-batch's loss.
 
     Every loss and gradient norm is checked before its step: a non-finite one raises BadUpdate with the
     step's gradients discarded (the caller undoes the steps already taken). With fp16 loss scaling an inf
@@ -374,28 +423,28 @@ def optimise(accelerator, model, optimizer, rollout: Rollout, advantages, return
     model.train()
     sums: dict[str, float] = {}
     steps = overflows = 0
-    for _ in range(recipe.ppo.ppo_epochs):
+    for _ in range(epochs):
         order = torch.randperm(len(rollout.scores), generator=generator)
         for start in range(0, len(order), micro):
             index = order[start : start + micro]
+            if start // micro % accumulation == 0:  # a group's first micro-batch: its token count, if needed
+                group = order[start : start + micro * accumulation]
+                normalizer = objective.normalizer(accelerator, rollout.mask[group], accumulation)
             boundary = (start // micro + 1) % accumulation == 0
             with accelerator.no_sync(model) if not boundary else nullcontext():
                 out = model(rollout.input_ids[index], rollout.attention_mask[index], rollout.prompt_width)
-                mask = rollout.mask[index]
-                policy = ppo.policy_loss(out.logprobs, rollout.logprobs[index], advantages[index], mask,
-                                         recipe.ppo.clip_range)  # fmt: skip
-                value = ppo.value_loss(out.values, rollout.values[index], returns[index], mask,
-                                       recipe.ppo.clip_range_value)  # fmt: skip
-                loss = policy.loss + recipe.ppo.vf_coef * value.loss
-                found = None
+                loss, stats = objective.loss(out, rollout, index, found, normalizer)
+                bad = None
                 if not torch.isfinite(loss):
-                    found = f"non-finite loss (policy {policy.loss.item()}, value {value.loss.item()})"
-                found = on_any_process(accelerator, found)  # before backward, a collective under FSDP
-                if found:
+                    bad = "non-finite loss (" + ", ".join(f"{k} {v.item():.4g}" for k, v in stats.items()) + ")"
+                bad = on_any_process(accelerator, bad)  # before backward, a collective under FSDP
+                if bad:
                     optimizer.zero_grad(set_to_none=True)
-                    raise BadUpdate(f"update {update}: {found}")
+                    raise BadUpdate(f"update {update}: {bad}")
                 accelerator.backward(loss / accumulation)
-            _accumulate(sums, policy, value, out, mask)
+            stats["entropy"] = ppo.masked_mean(out.entropy, rollout.mask[index])
+            for name, value in stats.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
             steps += 1
             if boundary:
                 # All the prepared model's parameters (frozen ones have no gradient): accelerate then uses FSDP's
@@ -412,25 +461,15 @@ def optimise(accelerator, model, optimizer, rollout: Rollout, advantages, return
     return averages if accelerator.scaler is None else {**averages, "overflow_steps": overflows}
 
 
-def _accumulate(sums: dict, policy, value, out, mask) -> None:
-    values = {"policy_loss": policy.loss, "value_loss": value.loss, "clip_fraction": policy.clip_fraction,
-              "value_clip_fraction": value.clip_fraction, "approx_kl": policy.approx_kl,
-              "entropy": ppo.masked_mean(out.entropy, mask)}  # fmt: skip
-    for name, tensor in values.items():
-        sums[name] = sums.get(name, 0.0) + tensor.item()
-
-
-def update_metrics(accelerator, update: int, rollout: Rollout, kl, sequence_kl: float, stats: dict, timings,
-                   kl_coef: float) -> dict:  # fmt: skip
-    """One metrics line: rollout statistics reduced over processes, optimisation averages of this process."""
+def rollout_metrics(accelerator, rollout: Rollout) -> dict[str, float]:
+    """The rollout's statistics over every process: reward (mean and std over the scored completions, and each
+    reward function's own mean), response length, EOS fraction."""
     reduce = lambda t: accelerator.reduce(t.float().mean(), "mean").item()  # noqa: E731
-    every_score = accelerator.gather(rollout.scores)  # a std over the global batch, not a mean of per-process ones
-    return {
-        "update": update, "reward": reduce(rollout.scores), "reward_std": every_score.std().item(),
-        "kl": sequence_kl, "kl_coef": kl_coef, "response_length": reduce(rollout.mask.sum(1)),
-        "eos_fraction": reduce(rollout.has_eos), **stats,
-        "time_generate": timings.generate, "time_score": timings.score,
-    }  # fmt: skip
+    scores, judged = accelerator.gather(rollout.scores), accelerator.gather(rollout.judged)
+    parts = {name: accelerator.gather(values) for name, values in rollout.reward_parts.items()}
+    return {"reward": scores[judged].mean().item(), "reward_std": scores[judged].std().item(),
+            **reward_metrics(parts), "response_length": reduce(rollout.mask.sum(1)),
+            "eos_fraction": reduce(rollout.has_eos)}  # fmt: skip
 
 
 def save_policy(accelerator, trained, roles: Roles, built: Built, recipe: Recipe, directory: Path, update: int,
@@ -444,7 +483,8 @@ def save_policy(accelerator, trained, roles: Roles, built: Built, recipe: Recipe
 
         def value_head(tmp: Path) -> None:
             head = checkpoint.submodule_state(state, "value_head.")
-            save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, tmp / "value_head.safetensors")
+            if head:  # ppo's critic; grpo has none
+                save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, tmp / "value_head.safetensors")
             if roles.critic_adapter:  # peft puts a non-default adapter in a sub-folder of its name
                 roles.model.save_pretrained(tmp, selected_adapters=[CRITIC], save_embedding_layers=False,
                                             state_dict=weights)  # fmt: skip

@@ -33,7 +33,8 @@ STATE = "trainer_state.json"
 PINNED_KEYS = (
     "seed", "train.batch_size", "train.gradient_accumulation_steps", "train.num_epochs", "train.max_steps",
     "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio", "ppo.rollout_batch_size",
-    "ppo.num_updates", "ppo.ppo_epochs",
+    "ppo.num_updates", "ppo.ppo_epochs", "grpo.num_steps", "grpo.prompts_per_step", "grpo.num_generations",
+    "grpo.num_iterations",
 )  # fmt: skip
 
 

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from lora_rl import ppo, train_ppo
+from lora_rl.objectives import Advantages, PPOObjective
 from lora_rl.roles import CRITIC, POLICY, ActorCritic
 from lora_rl.rollout import collect
-from tests.test_roles import ROOT, ppo_recipe, randomize, roles_for
+from tests.test_roles import ROOT, ppo_recipe, randomize, roles_for, rows
 
 PROMPTS = ["what about the cat ?", "tell about the sea ?", "why about the sun ?", "give about the book ?"]
 
@@ -38,7 +39,7 @@ def setup(write_recipe, seed: int = 0, **sections):
 def rollout_of(built, roles, actor_critic, recipe):
     ids, mask = train_ppo.pad(built.tokenizer(PROMPTS)["input_ids"], built.tokenizer.pad_token_id, "left")
     torch.manual_seed(0)
-    rollout, _ = collect(actor_critic, roles, built.tokenizer, PROMPTS, ids, mask, recipe.generation)
+    rollout, _ = collect(actor_critic, roles, built.tokenizer, rows(PROMPTS), ids, mask, recipe.generation)
     return rollout
 
 
@@ -49,11 +50,12 @@ def optimise(actor_critic, recipe, rollout, accelerator=None, optimizer=None, ad
         optimizer = torch.optim.AdamW(trainable_params(actor_critic), lr=recipe.train.learning_rate)
     if advantages is None:
         rewards = ppo.kl_shaped_rewards(torch.tensor([1.0, -1.0, 0.5, 2.0]), rollout.logprobs * 0, rollout.mask, 0.0)
-        advantages, returns = ppo.gae(rewards, rollout.values, rollout.mask, 1.0, 0.95)
+        found = Advantages(*ppo.gae(rewards, rollout.values, rollout.mask, 1.0, 0.95), None)
     else:
-        returns = advantages
-    return train_ppo.optimise(accelerator or Accelerator(), actor_critic, optimizer, rollout, advantages, returns,
-                              recipe, torch.Generator().manual_seed(0), 1)  # fmt: skip
+        found = Advantages(advantages, advantages, None)
+    return train_ppo.optimise(accelerator or Accelerator(), actor_critic, optimizer, rollout, found,
+                              PPOObjective(recipe), recipe, recipe.ppo.ppo_epochs, torch.Generator().manual_seed(0),
+                              1)  # fmt: skip
 
 
 def trainable_params(actor_critic) -> list[torch.nn.Parameter]:

@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from lora_rl import train_ppo, train_reward
 from lora_rl.data import pad
 from lora_rl.model import ModelError, build
+from lora_rl.objectives import objective_for
 from lora_rl.recipe import load_recipe
+from lora_rl.rewards import load_prompt_rows
 from lora_rl.roles import POLICY, REWARD, adapter_rewards, import_reward_function, reference_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,9 +34,16 @@ def ppo_recipe(write_recipe, **sections):
     return load_recipe(write_recipe(data))
 
 
-def roles_for(recipe):
+def roles_for(recipe, command: str = "ppo"):
+    """The base and roles as `lora-rl COMMAND` sets them up."""
     built = build(recipe, "causal-lm")
-    return built, train_ppo.setup_roles(built, recipe, train_ppo.import_reward(recipe))
+    terms = train_ppo.import_rewards(recipe, load_prompt_rows(recipe.data.train_path))
+    schedule, objective = train_ppo.schedule_of(recipe, command), objective_for(command, recipe)
+    return built, train_ppo.setup_roles(built, recipe, terms, schedule, objective)
+
+
+def rows(prompts: list[str]) -> list[dict]:
+    return [{"prompt": p} for p in prompts]
 
 
 def randomize(model, adapter: str = POLICY, seed: int = 0) -> None:

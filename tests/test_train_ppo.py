@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 from lora_rl import ppo, train_ppo
 from lora_rl.checkpoint import verify
 from lora_rl.cli import app
+from lora_rl.objectives import Advantages, PPOObjective
 from lora_rl.recipe import RecipeError
 from lora_rl.roles import ActorCritic, reference_logprobs
 from lora_rl.rollout import collect
-from tests.test_roles import ROOT, ppo_recipe, randomize, roles_for
+from tests.test_roles import ROOT, ppo_recipe, randomize, roles_for, rows
 
 PROMPTS = ["what about the cat ?", "tell about the sea ?", "why about the sun ?", "give about the book ?"]
 
@@ -38,11 +39,11 @@ def one_update(write_recipe, **sections):
     optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate)
     ids, mask = train_ppo.pad(built.tokenizer(PROMPTS)["input_ids"], 0, "left")
     torch.manual_seed(0)
-    rollout, _ = collect(actor_critic, roles, built.tokenizer, PROMPTS, ids, mask, recipe.generation)
+    rollout, _ = collect(actor_critic, roles, built.tokenizer, rows(PROMPTS), ids, mask, recipe.generation)
     rewards = ppo.kl_shaped_rewards(rollout.scores + 1.0, rollout.logprobs * 0, rollout.mask, 0.0)
-    advantages, returns = ppo.gae(rewards, rollout.values, rollout.mask, 1.0, 0.95)
-    step = lambda: train_ppo.optimise(Accelerator(), actor_critic, optimizer, rollout, advantages,  # noqa: E731
-                                      returns, recipe, torch.Generator().manual_seed(0), 1)  # fmt: skip
+    found = Advantages(*ppo.gae(rewards, rollout.values, rollout.mask, 1.0, 0.95), None)
+    step = lambda: train_ppo.optimise(Accelerator(), actor_critic, optimizer, rollout, found,  # noqa: E731
+                                      PPOObjective(recipe), recipe, 1, torch.Generator().manual_seed(0), 1)  # fmt: skip
     return roles, actor_critic, rollout, step
 
 
@@ -86,7 +87,7 @@ def test_old_logprobs_and_values_from_generation_equal_a_full_forward(write_reci
     prompts = ["what about the cat ?", "sea", "why about the sun and the book ?", "give the book ?"]
     ids, mask = train_ppo.pad(built.tokenizer(prompts)["input_ids"], built.tokenizer.pad_token_id, "left")
     torch.manual_seed(0)
-    rollout, _ = collect(actor_critic, roles, built.tokenizer, prompts, ids, mask, recipe.generation)
+    rollout, _ = collect(actor_critic, roles, built.tokenizer, rows(prompts), ids, mask, recipe.generation)
     with torch.no_grad():
         full = actor_critic(rollout.input_ids, rollout.attention_mask, rollout.prompt_width)
     valid = rollout.mask
@@ -222,7 +223,8 @@ def test_non_finite_reward_skips_updates_then_stops(tmp_path):
         (["ppo.reference=initial_adapter"], "ppo.reference: initial_adapter needs actor.model.lora_path"),
         (
             ["reward.function=null"],
-            "reward: set exactly one of reward.adapter, reward.model, reward.function (found: none)",
+            "reward: set exactly one of reward.adapter, reward.model, reward.function, reward.functions "
+            "(found: none)",
         ),
     ],
 )
