@@ -119,12 +119,22 @@ def validate(
         Purpose, typer.Option("--for", help="Which command the recipe is for: decides the model head.")
     ] = Purpose.ppo,
 ) -> None:
-    """Validate RECIPE, print it resolved, build the model and print the LoRA pre-flight table. No training."""
+    """Validate RECIPE, print it resolved, build the model and print the LoRA pre-flight table. No training.
+
+    Runs every check the command (--for) makes before it loads a model: data, model and adapter files, and for
+    ppo the reward source (reward.function is imported).
+    """
+    from lora_rl import train_ppo
+    from lora_rl import train_reward as reward_command
     from lora_rl.model import build
 
     with user_errors():
         resolved = _load(recipe, overrides)
         display.print_recipe(resolved)
+        if purpose is Purpose.ppo:
+            train_ppo.check_inputs(resolved, recipe.parent)
+        else:
+            reward_command.check_inputs(resolved)
         built = build(resolved, "reward" if purpose is Purpose.train_reward else "causal-lm")
         display.print_model_report(built.report)
 
@@ -167,7 +177,13 @@ def ppo(
 
     with user_errors(), training_ends():
         try:
-            train_ppo.run(_load(recipe, overrides), overwrite=overwrite, resume=resume, allow_changes=allow_changes)
+            train_ppo.run(
+                _load(recipe, overrides),
+                overwrite=overwrite,
+                resume=resume,
+                allow_changes=allow_changes,
+                recipe_dir=recipe.parent,
+            )
         except train_ppo.BadUpdate as err:  # every process stopped at the same update
             display.print_problems([str(err)])
             end_distributed_run(1)

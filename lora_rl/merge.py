@@ -9,7 +9,6 @@ Everything happens in a temporary directory next to OUT_DIR: a failure at any st
 from __future__ import annotations
 
 import copy
-import json
 import re
 import shutil
 import time
@@ -58,6 +57,7 @@ def run(adapter_dir: Path, out_dir: Path, *, base: str | Path | None = None, dty
     # 1. Inputs: every problem is found before anything is written.
     spec = read_adapter(Path(adapter_dir), base)
     out = Path(out_dir)
+    refuse_working_dir(out)
     check_out_dir(out, force, [spec.directory, spec.base])
     config = AutoConfig.from_pretrained(spec.base)
     refuse_other_base(spec, config)
@@ -101,20 +101,9 @@ def read_adapter(directory: Path, base: str | Path | None = None) -> AdapterSpec
 
     `base` overrides the adapter's base_model_name_or_path; a built-in tiny model name is accepted.
     """
-    if not directory.is_dir():
-        raise CheckpointError(f"adapter directory {directory} not found")
-    config_path = directory / "adapter_config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{directory}: no adapter_config.json; not a peft adapter directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: corrupt JSON ({err.msg})") from None
-    manifest = checkpoint.verify(directory) or {}
-    weights = directory / "adapter_model.safetensors"
-    if not weights.is_file() and (directory / "adapter_model.bin").is_file():
-        raise CheckpointError(f"{directory}: adapter_model.bin is a pickle file, which can run arbitrary code; "
-                              "only adapter_model.safetensors is read")  # fmt: skip
+    config = checkpoint.read_adapter_config(directory)
+    manifest = checkpoint.read_manifest(directory) or {}
+    weights = directory / checkpoint.ADAPTER_WEIGHTS
     header = streaming_merge.read_header(weights)
     if config.get("peft_type") != "LORA":
         raise ModelError(f"{directory}: a {config.get('peft_type')} adapter; only LoRA adapters are handled")
@@ -146,6 +135,15 @@ def check_out_dir(out: Path, force: bool, inputs: list[Path]) -> None:
         raise CheckpointError(f"OUT_DIR {out} is a file")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CheckpointError(f"OUT_DIR {out} is not empty; pass --force to replace it")
+
+
+def refuse_working_dir(out: Path) -> None:
+    """OUT_DIR is replaced by renaming a new directory into place: not possible for the working directory, nor for a
+    directory above it (`merge ADAPTER . --force`)."""
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise CheckpointError(f"OUT_DIR {out}: the working directory cannot be replaced, nor a directory above it; "
+                              "choose another directory")  # fmt: skip
 
 
 def refuse_other_base(spec: AdapterSpec, config) -> None:

@@ -25,6 +25,8 @@ from lora_rl.model import (
     Built,
     base_fingerprint,
     build,
+    check_model_dir,
+    check_model_files,
     classifier_head_name,
     load_base,
     load_tokenizer,
@@ -36,6 +38,7 @@ from lora_rl.reward_model import RewardModel
 from lora_rl.roles import (
     CRITIC,
     ActorCritic,
+    RewardFunction,
     Roles,
     attach_critic,
     attach_reference,
@@ -50,18 +53,18 @@ class BadUpdate(Exception):
     """A non-finite value at an update: nothing from this update is applied or saved."""
 
 
-def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False) -> Path:
+def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False,
+        recipe_dir: Path | None = None) -> Path:  # fmt: skip
     """Run the PPO recipe; returns the final policy adapter directory.
 
-    `resume` (or train.resume): "auto", a checkpoint or a run directory to continue from.
+    `resume` (or train.resume): "auto", a checkpoint or a run directory to continue from. `recipe_dir`: where the
+    recipe file is, searched first for reward.function's module.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # 1. Everything that can be wrong with the input, before any model loads.
-    check_recipe(recipe)
-    prompts = load_prompts(recipe.data.train_path)
-    reward_function = import_reward(recipe)
+    prompts, reward_function = check_inputs(recipe, recipe_dir)
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     materialize_builtins(recipe)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)  # accumulation is handled below
@@ -206,6 +209,19 @@ class PromptBatches:
 # ---------------------------------------------------------------- checks and setup
 
 
+def check_inputs(recipe: Recipe, recipe_dir: Path | None = None) -> tuple[list[str], RewardFunction | None]:
+    """Every check ppo makes before it loads a model, also run by `validate --for ppo`: the PPO settings, the model
+    and adapter files, the prompts and the reward function's import. Returns the prompts and the reward function."""
+    check_recipe(recipe)
+    check_model_files(recipe)
+    if recipe.reward.adapter:
+        checkpoint.read_adapter_config(Path(recipe.reward.adapter))
+    if recipe.reward.model:
+        check_model_dir(recipe.reward.model, recipe.actor.model, "reward.model")
+    prompts = load_prompts(recipe.data.train_path)
+    return prompts, import_reward(recipe, recipe_dir)
+
+
 def check_recipe(recipe: Recipe) -> None:
     """PPO-specific problems, all at once, before any model loads."""
     problems = []
@@ -249,8 +265,8 @@ def check_launch(accelerator, recipe: Recipe, prompts: int) -> None:
         raise RecipeError(problems)
 
 
-def import_reward(recipe: Recipe):
-    return import_reward_function(recipe.reward.function) if recipe.reward.function else None
+def import_reward(recipe: Recipe, recipe_dir: Path | None = None) -> RewardFunction | None:
+    return import_reward_function(recipe.reward.function, recipe_dir) if recipe.reward.function else None
 
 
 def setup_roles(built: Built, recipe: Recipe, reward_function, resume_dir: Path | None = None) -> Roles:
@@ -260,7 +276,8 @@ def setup_roles(built: Built, recipe: Recipe, reward_function, resume_dir: Path 
     if cfg.is_lora:
         value_head, critic = attach_critic(model, recipe.critic.mode)
         reference = recipe.ppo.reference or ("initial_adapter" if cfg.lora_path else "base")
-        roles = Roles(model, value_head, critic, attach_reference(model, reference, cfg.lora_path))
+        reference_adapter = attach_reference(model, reference, cfg.lora_path, cfg.allow_pickle_weights)
+        roles = Roles(model, value_head, critic, reference_adapter)
     else:
         value_head, _ = attach_critic(model, "shared")
         reference_model = load_base(built.report.base_path, cfg, "causal-lm", built.tokenizer).requires_grad_(False)

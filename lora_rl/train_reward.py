@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lora_rl import checkpoint, display, train_state
 from lora_rl.data import DataError, EpochSampler, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
-from lora_rl.model import Built, base_fingerprint, build, materialize_builtins
+from lora_rl.model import Built, base_fingerprint, build, check_model_files, materialize_builtins
 from lora_rl.recipe import Recipe, RecipeError
 from lora_rl.reward_model import PACKABLE_ATTENTION, RewardModel, bradley_terry, transformers_model
 from lora_rl.train_state import Interrupt, Interrupted
@@ -31,8 +31,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     from accelerate.utils import set_seed
 
     # 1. Everything that can be wrong with the input is found before any model loads.
-    train_state.check_mixed_precision(recipe.train.mixed_precision)
-    train_rows, eval_rows = load_split(recipe)
+    train_rows, eval_rows = check_inputs(recipe)
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     materialize_builtins(recipe)
     accelerator = Accelerator(
@@ -158,6 +157,14 @@ class Position:
     epoch: int = 0
     offset: int = 0
     window: dict = field(default_factory=dict)  # metric sums since the last log line
+
+
+def check_inputs(recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """Every check train-reward makes before it loads a model, also run by `validate --for train-reward`: mixed
+    precision, the model and adapter files, the preference pairs. Returns the (train, eval) rows."""
+    train_state.check_mixed_precision(recipe.train.mixed_precision)
+    check_model_files(recipe)
+    return load_split(recipe)
 
 
 def load_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -12,6 +13,11 @@ import lora_rl
 from lora_rl.cli import app
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+# What validate --for ppo (the default) and --for train-reward check before the model: data and a reward source.
+PPO = {"data": {"train_path": str(ROOT / "recipes/data/prompts-demo.jsonl")},
+       "reward": {"function": "lora_rl.demo_rewards:praise"}}  # fmt: skip
+PAIRS = {"data": {"train_path": str(ROOT / "recipes/data/reward-demo.jsonl")}}
 
 
 def test_version_from_the_installed_script():
@@ -38,7 +44,7 @@ def test_every_command_documents_its_arguments(command, documented):
 
 
 def test_validate_prints_recipe_targets_and_parameter_counts(write_recipe):
-    path = write_recipe({"actor": {"model": {"lora_rank": 4, "target_modules": ["q_proj", "v_proj"]}}})
+    path = write_recipe({"actor": {"model": {"lora_rank": 4, "target_modules": ["q_proj", "v_proj"]}}, **PPO})
     result = runner.invoke(app, ["validate", str(path), "train.learning_rate=1e-5"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "learning_rate: 1.0e-05" in result.stdout
@@ -48,7 +54,7 @@ def test_validate_prints_recipe_targets_and_parameter_counts(write_recipe):
 
 
 def test_validate_reward_head(write_recipe):
-    path = write_recipe({"actor": {"model": {"lora_rank": 2}}})
+    path = write_recipe({"actor": {"model": {"lora_rank": 2}}, **PAIRS})
     result = runner.invoke(app, ["validate", str(path), "--for", "train-reward"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "LoRA (reward)" in result.stdout
@@ -65,7 +71,7 @@ def test_validation_errors_exit_2_one_line_each(write_recipe):
 
 
 def test_model_errors_exit_2_without_traceback(write_recipe):
-    path = write_recipe({"actor": {"model": {"target_modules": ["c_attn"]}}})
+    path = write_recipe({"actor": {"model": {"target_modules": ["c_attn"]}}, **PPO})
     result = runner.invoke(app, ["validate", str(path)], env={"COLUMNS": "300"})
     assert result.exit_code == 2
     assert result.stderr.startswith("error: actor.model.target_modules: c_attn matched no layer of this model")
@@ -73,8 +79,41 @@ def test_model_errors_exit_2_without_traceback(write_recipe):
 
 
 def test_warnings_are_printed(write_recipe):
-    path = write_recipe({"actor": {"model": {"is_lora": False, "lora_rank": 4}}})
+    path = write_recipe({"actor": {"model": {"is_lora": False, "lora_rank": 4}}, **PPO})
     result = runner.invoke(app, ["validate", str(path)], env={"COLUMNS": "300"})
     assert result.exit_code == 0
     assert "warning: actor.model.lora_rank: ignored because is_lora is false (full fine-tuning)" in result.stderr
     assert "full fine-tuning (causal-lm)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ({"reward": {"function": None}}, "reward: set exactly one of reward.adapter, reward.model, reward.function"),
+        ({"ppo": {"rollout_batch_size": 6}, "train": {"batch_size": 4}},
+         "ppo.rollout_batch_size: 6 is not divisible by train.batch_size x train.gradient_accumulation_steps"),
+        ({"reward": {"function": "no_such_rewards:score"}}, "reward.function: cannot import 'no_such_rewards:score'"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["validate", "ppo"])
+def test_validate_and_ppo_make_the_same_checks_before_loading_a_model(command, section, expected, write_recipe,
+                                                                       monkeypatch):  # fmt: skip
+    def build(*args, **kwargs):
+        raise AssertionError("a model was loaded before the checks")
+
+    monkeypatch.setattr("lora_rl.model.build", build)
+    monkeypatch.setattr("lora_rl.train_ppo.build", build)
+    path = write_recipe({**PPO, **section})
+    result = runner.invoke(app, [command, str(path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {expected}") and len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (path.parent / "out").exists()
+
+
+def test_validate_for_train_reward_reads_the_pairs(write_recipe, tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"chosen": "a"}\n')
+    path = write_recipe({"data": {"train_path": str(bad)}})
+    result = runner.invoke(app, ["validate", str(path), "--for", "train-reward"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {bad}: row 1: missing 'rejected'\n"
