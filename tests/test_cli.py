@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 import lora_rl
@@ -117,3 +119,27 @@ def test_validate_for_train_reward_reads_the_pairs(write_recipe, tmp_path):
     result = runner.invoke(app, ["validate", str(path), "--for", "train-reward"], env={"COLUMNS": "300"})
     assert result.exit_code == 2
     assert result.stderr == f"error: {bad}: row 1: missing 'rejected'\n"
+
+
+ENTRY_POINTS = {"lora-rl script": [str(Path(sys.executable).parent / "lora-rl")],
+                "python -m lora_rl": [sys.executable, "-m", "lora_rl"]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [("lora-rl script", "recipe"), ("python -m lora_rl", "recipe"), ("lora-rl script", "working directory")],
+)
+def test_every_entry_point_finds_a_reward_module_beside_the_recipe_or_in_the_working_directory(entry, where, tmp_path):
+    recipe_dir, work = tmp_path / "recipes", tmp_path / "work"
+    recipe_dir.mkdir()
+    work.mkdir()
+    module = (recipe_dir if where == "recipe" else work) / "my_rewards.py"
+    module.write_text("from pathlib import Path\n\nPath(__file__).with_suffix('.imported').touch()\n\n\n"
+                      "def score(prompts, completions):\n    return [1.0] * len(completions)\n")  # fmt: skip
+    data = {**PPO, "output_dir": str(tmp_path / "out"), "reward": {"function": "my_rewards:score"},
+            "actor": {"model": {"lora_rank": 2}}}  # fmt: skip
+    (recipe_dir / "ppo.yaml").write_text(yaml.safe_dump(data))
+    command = [*ENTRY_POINTS[entry], "validate", str(recipe_dir / "ppo.yaml")]
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    assert module.with_suffix(".imported").is_file()
