@@ -121,7 +121,7 @@ def load_base(base: Path, specs: dict[str, AdapterSpec], score: bool) -> tuple[n
     """The base, once: a causal LM, or with --score a sequence classifier for the adapters' reward heads."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    tokenizer = load_tokenizer(base, ModelConfig())
+    tokenizer = load_tokenizer(base, ModelConfig(), "base")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"dtype": torch.float32 if device == "cpu" else "auto", "use_safetensors": True}
     with quiet_transformers():  # the classifier's head is reported "missing": each adapter brings its own
