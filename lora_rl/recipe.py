@@ -125,6 +125,8 @@ class TrainConfig:
         "reward model: weight of mean((r_chosen + r_rejected)^2) in the loss (TRL); null disables it",
         NON_NEGATIVE,
     )
+    max_bad_steps: int = key(3, "reward model: stop after this many consecutive optimizer steps with a non-finite "
+                             "loss or gradient norm (each is skipped)", POSITIVE_INT)  # fmt: skip
     log_every: int = key(1, "optimizer steps between metric lines", POSITIVE_INT)
     eval_every: int = key(0, "optimizer steps between evaluations; 0 evaluates only at the end", NON_NEGATIVE_INT)
     save_every: int = key(0, "optimizer steps (ppo: updates) between checkpoints; 0 saves only at the end",

@@ -8,7 +8,6 @@ update: (1) sample (2) score (3) KL-shaped rewards (4) GAE + whitening (5) PPO e
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -46,11 +45,7 @@ from lora_rl.roles import (
     import_reward_function,
 )
 from lora_rl.rollout import Rollout, collect
-from lora_rl.train_state import Interrupt, Interrupted, on_any_process
-
-
-class BadUpdate(Exception):
-    """A non-finite value at an update: nothing from this update is applied or saved."""
+from lora_rl.train_state import BadUpdate, Interrupt, Interrupted, on_any_process
 
 
 def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False,
@@ -141,11 +136,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                                  generators["minibatch"], update)  # fmt: skip
             except BadUpdate as err:
                 position.bad_in_a_row += 1
-                if main:  # the same on every process
-                    display.print_warnings([f"{err}; update skipped ({position.bad_in_a_row} in a row)"])
-                if position.bad_in_a_row >= recipe.ppo.max_bad_updates:
-                    raise BadUpdate(f"stopping: {position.bad_in_a_row} consecutive updates with non-finite values "
-                                    f"(ppo.max_bad_updates: {recipe.ppo.max_bad_updates})") from None  # fmt: skip
+                train_state.skip_or_stop(str(err), position.bad_in_a_row, recipe.ppo.max_bad_updates, "update",
+                                         "ppo.max_bad_updates", main)  # fmt: skip
                 continue
             position.bad_in_a_row = 0
             # (6) KL controller: per-sequence KL summed over tokens, averaged over the batch
@@ -372,10 +364,7 @@ def optimise(accelerator, model, optimizer, rollout: Rollout, advantages, return
             _accumulate(sums, policy, value, out, mask)
             steps += 1
             if boundary:
-                # All the prepared model's parameters (frozen ones have no gradient): accelerate then uses FSDP's
-                # own clipping, whose norm covers every rank's shard, not this rank's alone.
-                norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm or math.inf)
-                if not torch.isfinite(norm):
+                if not train_state.clip_gradients(accelerator, model, recipe.train.max_grad_norm):
                     optimizer.zero_grad(set_to_none=True)
                     raise BadUpdate(f"update {update}: non-finite gradient norm")
                 optimizer.step()

@@ -93,6 +93,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
 
     per_micro_batch = recipe.train.batch_size * accelerator.num_processes
     window, started = Window(), time.perf_counter()
+    pending = []  # this step's micro-batch results: into the window once the step proves finite
     window.load(position.window)
     with (
         display.Progress(total_steps, "train", enabled=main) as progress,
@@ -108,32 +109,42 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                     chosen, rejected = rewards.chunk(2)
                     out_ = bradley_terry(chosen, rejected, batch.margin, recipe.train.center_rewards_coefficient)
                     accelerator.backward(out_.loss)
-                    if accelerator.sync_gradients and recipe.train.max_grad_norm:
-                        # All the prepared model's parameters (frozen ones have no gradient): accelerate then
-                        # uses FSDP's own clipping, whose norm covers every rank's shard, not this rank's alone.
-                        accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
-                    optimizer.step()
+                    pending.append((out_, len(chosen)))
+                    bad = step_problem(accelerator, model, recipe, pending) if accelerator.sync_gradients else None
+                    if bad is None or accelerator.scaler is not None:  # a GradScaler skips non-finite steps itself
+                        optimizer.step()  # accelerate steps only at the end of an accumulation group
                     optimizer.zero_grad(set_to_none=True)
-                window.add(out_, len(chosen))
                 position.offset += per_micro_batch
                 if not accelerator.sync_gradients:
                     continue
                 position.step += 1
                 scheduler.step()
-                if position.step % recipe.train.log_every == 0 or position.step == total_steps:
+                if bad:  # the weights did not change: the step counts, its metrics do not
+                    position.bad_in_a_row += 1
+                    limit = recipe.train.max_bad_steps
+                    train_state.skip_or_stop(f"step {position.step}: {bad}", position.bad_in_a_row, limit, "step",
+                                             "train.max_bad_steps", main)  # fmt: skip
+                else:
+                    position.bad_in_a_row = 0
+                    for result, pairs in pending:
+                        window.add(result, pairs)
+                pending.clear()
+                due = position.step % recipe.train.log_every == 0 or position.step == total_steps
+                if due and window.pairs:
                     record = window.flush(accelerator, position.step, scheduler.get_last_lr()[0], time.perf_counter())
                     log(out, record, main)
                     metrics = {"loss": record["loss"], "acc": record["accuracy"], "pairs/s": record["pairs_per_s"]}
                     progress.update(position.step, metrics)
                 step = position.step
-                if recipe.train.eval_every and step % recipe.train.eval_every == 0 and step < total_steps:
+                mid_run = not bad and step < total_steps  # a skipped step is neither evaluated nor saved
+                if mid_run and recipe.train.eval_every and step % recipe.train.eval_every == 0:
                     log(out, evaluate(model, eval_loader, accelerator, step), main, progress)
                 if position.offset >= len(train_set):  # the epoch is over: the next step starts a new one
                     position.epoch, position.offset = position.epoch + 1, 0
                 position.window = window.state()
-                if step < total_steps and interrupt.requested_anywhere():
+                if mid_run and interrupt.requested_anywhere():
                     raise Interrupted(save(f"checkpoint-{step}", step), step)
-                if recipe.train.save_every and step % recipe.train.save_every == 0 and step < total_steps:
+                if mid_run and recipe.train.save_every and step % recipe.train.save_every == 0:
                     save(f"checkpoint-{step}", step)
                 if step >= total_steps:
                     break
@@ -151,12 +162,24 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
 
 @dataclass
 class Position:
-    """Where a run is: optimizer steps done, and the next example's (epoch, offset) in the data order."""
+    """Where a run is: optimizer steps done, the next example's (epoch, offset) in the data order, the guard's count."""
 
     step: int = 0
     epoch: int = 0
     offset: int = 0
     window: dict = field(default_factory=dict)  # metric sums since the last log line
+    bad_in_a_row: int = 0  # non-finite steps skipped since the last good one
+
+
+def step_problem(accelerator, model, recipe: Recipe, results: list) -> str | None:
+    """Clip the step's gradients; what is not finite in its losses or gradient norm (None: nothing), the same on
+    every process (one skipping a step the others take would leave their weights apart)."""
+    found = None
+    if not torch.isfinite(torch.stack([result.loss.detach() for result, _ in results])).all():
+        found = "non-finite loss"
+    if not train_state.clip_gradients(accelerator, model, recipe.train.max_grad_norm):
+        found = found or "non-finite gradient norm"
+    return train_state.on_any_process(accelerator, found)
 
 
 def check_inputs(recipe: Recipe) -> tuple[list[dict], list[dict]]:

@@ -117,7 +117,8 @@ BLANK, NOT_AN_OBJECT, CUT_SHORT = b" \n\n", b'{"prompt": "a"}\n[1, 2]\n', b'{"pr
 Case = Callable[[Path, dict, object], tuple[list, str]]
 CASES: dict[str, Case] = {
     "a YAML key that is a list": lambda t, a, m: (
-        ["validate", recipe_file(t, b"? [1, 2]\n: 3\n")], "{t}/bad.yaml: invalid YAML at line 1: a recipe key must be a name"),
+        ["validate", recipe_file(t, b"? [1, 2]\n: 3\n")],
+        "{t}/bad.yaml: invalid YAML at line 1: a recipe key must be a name"),
     "a section that is a list": lambda t, a, m: (
         ["validate", recipe_file(t, b"actor: [1, 2]\n")], "actor: got [1, 2]; expected a mapping of keys"),
     "a recipe that is not UTF-8": lambda t, a, m: (

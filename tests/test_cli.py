@@ -143,3 +143,17 @@ def test_every_entry_point_finds_a_reward_module_beside_the_recipe_or_in_the_wor
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
     assert result.returncode == 0, result.stderr
     assert module.with_suffix(".imported").is_file()
+
+
+def test_unexpected_error_is_one_line_exit_1_and_debug_shows_the_traceback(write_recipe, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access\nmore detail")
+
+    monkeypatch.setattr("lora_rl.train_reward.run", fail)
+    path = write_recipe(PAIRS)
+    result = runner.invoke(app, ["train-reward", str(path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 1
+    assert result.stderr == ("error: unexpected RuntimeError: CUDA error: an illegal memory access "
+                             "(LORA_RL_DEBUG=1 shows the traceback)\n")  # fmt: skip
+    result = runner.invoke(app, ["train-reward", str(path)], env={"COLUMNS": "300", "LORA_RL_DEBUG": "1"})
+    assert isinstance(result.exception, RuntimeError)
