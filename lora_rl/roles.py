@@ -29,6 +29,7 @@ from torch import nn
 from lora_rl import checkpoint
 from lora_rl.model import ModelError, base_contradictions
 from lora_rl.ppo import entropy_from_logits, gather_logprobs
+from lora_rl.recipe import one_line
 from lora_rl.reward_model import at_last_token, hidden_states, no_split_modules, transformers_model
 
 POLICY, CRITIC, REWARD, REFERENCE = "default", "critic", "reward", "reference"
@@ -154,7 +155,7 @@ def import_reward_function(spec: str, recipe_dir: Path | None = None) -> RewardF
         with search_path([*([recipe_dir] if recipe_dir else []), Path.cwd()]):
             function = getattr(importlib.import_module(module_name), attr)
     except Exception as err:  # the module is the user's code: whatever it raises on import is their error
-        raise ModelError(f"reward.function: cannot import {spec!r} ({type(err).__name__}: {err})") from None
+        raise ModelError(f"reward.function: cannot import {spec!r} ({one_line(err)})") from None
     if not callable(function):
         raise ModelError(f"reward.function: {spec!r} is not callable")
     return function

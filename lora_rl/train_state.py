@@ -256,9 +256,11 @@ def clip_gradients(accelerator, model: torch.nn.Module, max_norm: float | None) 
     """Clip the gradients to `max_norm` (None: only measure them); whether their norm is finite.
 
     All the prepared model's parameters (frozen ones have no gradient): accelerate then uses FSDP's own clipping,
-    whose norm covers every rank's shard, not this rank's alone, so every process gets the same answer.
+    whose norm covers every rank's shard, not this rank's alone, so every process gets the same answer. DeepSpeed
+    clips (and steps) inside backward and may report no norm: taken as finite here.
     """
-    return bool(torch.isfinite(accelerator.clip_grad_norm_(model.parameters(), max_norm or math.inf)))
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    return norm is None or math.isfinite(float(norm))
 
 
 def skip_or_stop(problem: str, in_a_row: int, limit: int, unit: str, key: str, main: bool) -> None:
