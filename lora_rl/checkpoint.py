@@ -21,6 +21,9 @@ from typing import Any
 MANIFEST = "manifest.json"
 FORMAT = "lora-rl-checkpoint/1"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The safetensors weights peft (adapters) and transformers (models, use_safetensors) read.
+SAFE_WEIGHTS = (ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
 
 
 class CheckpointError(Exception):
@@ -122,16 +125,55 @@ def verify(directory: Path) -> dict[str, Any] | None:
 
 
 def refuse_pickle(directory: Path, allow_pickle: bool) -> None:
-    """Raise when `directory` holds only pickle weights and the user did not opt in."""
+    """Raise when the weights transformers or peft would read from `directory` are pickle files and the user did
+    not opt in. Only the weight files themselves count: a checkpoint's optimizer.safetensors makes no
+    adapter_model.bin safe."""
     directory = Path(directory)
-    if allow_pickle or any(directory.glob("*.safetensors")):
+    if allow_pickle or any((directory / name).is_file() for name in SAFE_WEIGHTS):
         return
     pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
         raise CheckpointError(
-            f"{directory}: weights are pickle files ({', '.join(pickled)}), which can run arbitrary code; "
-            "convert them to safetensors, or set actor.model.allow_pickle_weights: true if you trust them"
+            f"{directory}: the weights are pickle ({', '.join(pickled)}), which can run arbitrary code; convert them "
+            "to safetensors (or, in a recipe, set actor.model.allow_pickle_weights: true if you trust them)"
         )
+
+
+def read_adapter_config(directory: Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """The adapter_config.json of the adapter in `directory`, once what loading it reads is checked: the
+    manifest (when lora-rl wrote one), the config, and the weights peft would read (adapter_model.safetensors,
+    whole; adapter_model.bin only when `allow_pickle`). Every path that reads an adapter goes through here."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"adapter directory {directory} not found")
+    config_path = directory / "adapter_config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory}: no adapter_config.json; not a peft adapter directory")
+    verify(directory)
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: corrupt JSON ({getattr(err, 'msg', err)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object of adapter settings")
+    refuse_pickle(directory, allow_pickle)
+    weights = directory / ADAPTER_WEIGHTS
+    if weights.is_file():
+        check_safetensors(weights)
+    elif not (allow_pickle and (directory / "adapter_model.bin").is_file()):
+        raise CheckpointError(f"{weights}: weights file missing")
+    return config
+
+
+def check_safetensors(path: Path) -> None:
+    """A readable safetensors file: its header parses and its tensors lie within the file (no truncation)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from None
 
 
 def save_adapter(model, directory: Path, *, step: int, tokenizer=None, recipe=None, extra: dict | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -12,7 +13,7 @@ import typer
 
 import lora_rl
 from lora_rl import display
-from lora_rl.recipe import Recipe, RecipeError, load_recipe, recipe_warnings
+from lora_rl.recipe import Recipe, RecipeError, load_recipe, one_line, recipe_warnings
 
 app = typer.Typer(
     help="Fine-tune language models with LoRA adapters for RLHF, driven by YAML recipes.",
@@ -54,7 +55,8 @@ class Purpose(str, Enum):
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Bad input ends the command with its one-line messages and exit code 2, never a traceback."""
+    """Bad input ends the command with its one-line messages and exit code 2; anything else with one line and
+    exit code 1. Never a traceback, unless LORA_RL_DEBUG is set."""
     from lora_rl.checkpoint import CheckpointError
     from lora_rl.data import DataError
     from lora_rl.model import ModelError
@@ -67,13 +69,21 @@ def user_errors() -> Iterator[None]:
     except (ModelError, CheckpointError) as err:
         display.print_problems([str(err)])
         raise typer.Exit(2) from None
+    except typer.Exit:
+        raise
+    except Exception as err:  # not a problem we know (a bug, a CUDA error): one line; the traceback on request
+        if os.environ.get("LORA_RL_DEBUG"):
+            raise
+        display.print_problems([f"unexpected {one_line(err)} (LORA_RL_DEBUG=1 shows the traceback)"])
+        raise typer.Exit(1) from None
 
 
 @contextmanager
 def training_ends() -> Iterator[None]:
-    """A finished run, or Ctrl-C that saved a checkpoint at a step boundary (then: say where, exit 130 like an
-    interrupted shell command). Either way every process saved together and can end the distributed run."""
-    from lora_rl.train_state import Interrupted, end_distributed_run
+    """A finished run, Ctrl-C that saved a checkpoint at a step boundary (then: say where, exit 130 like an
+    interrupted shell command), or a run stopped by non-finite values (exit 1). Every process got there together
+    and can end the distributed run."""
+    from lora_rl.train_state import BadUpdate, Interrupted, end_distributed_run
 
     try:
         yield
@@ -81,6 +91,10 @@ def training_ends() -> Iterator[None]:
         display.print_warnings([str(err)])
         end_distributed_run(130)
         raise typer.Exit(130) from None
+    except BadUpdate as err:  # every process stopped at the same step or update
+        display.print_problems([str(err)])
+        end_distributed_run(1)
+        raise typer.Exit(1) from None
     end_distributed_run(0)
 
 
@@ -120,12 +134,22 @@ def validate(
         Purpose, typer.Option("--for", help="Which command the recipe is for: decides the model head.")
     ] = Purpose.ppo,
 ) -> None:
-    """Validate RECIPE, print it resolved, build the model and print the LoRA pre-flight table. No training."""
+    """Validate RECIPE, print it resolved, build the model and print the LoRA pre-flight table. No training.
+
+    Runs every check the command (--for) makes before it loads a model: data, model and adapter files, and for
+    ppo the reward source (reward.function is imported).
+    """
+    from lora_rl import train_ppo
+    from lora_rl import train_reward as reward_command
     from lora_rl.model import build
 
     with user_errors():
         resolved = _load(recipe, overrides)
         display.print_recipe(resolved)
+        if purpose is Purpose.train_reward:
+            reward_command.check_inputs(resolved)
+        else:
+            train_ppo.check_inputs(resolved, recipe.parent, purpose.value)
         built = build(resolved, "reward" if purpose is Purpose.train_reward else "causal-lm")
         display.print_model_report(built.report)
 
@@ -192,8 +216,9 @@ def _rl(command: str, recipe: Path, overrides, overwrite: bool, resume: str | No
     with user_errors(), training_ends():
         resolved = _load(recipe, overrides)
         try:
-            train_ppo.run(resolved, overwrite=overwrite, resume=resume, allow_changes=allow_changes, command=command)
-        except (train_ppo.BadUpdate, RewardError) as err:  # every process stopped at the same update
+            train_ppo.run(resolved, overwrite=overwrite, resume=resume, allow_changes=allow_changes, command=command,
+                          recipe_dir=recipe.parent)  # fmt: skip
+        except RewardError as err:  # the user's reward function failed mid-run
             display.print_problems([str(err)])
             end_distributed_run(1)
             raise typer.Exit(1) from None

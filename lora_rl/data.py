@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lora_rl.recipe import one_line
+
 MAX_REPORTED = 10  # row problems listed before "... and N more"
 
 
@@ -48,34 +50,46 @@ class PairBatch(NamedTuple):
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """All rows of a local data file or saved `datasets` directory, as dicts."""
+    path = Path(path)
+    if path.suffix == ".jsonl" and path.is_file():
+        return _read_jsonl(path)
+    builders = {".json": "json", ".parquet": "parquet"}
+    if not path.is_dir() and path.suffix not in builders:
+        raise DataError([f"{path}: unsupported file type {path.suffix!r}; expected .jsonl, .json, .parquet"])
     import datasets
 
     datasets.disable_progress_bars()
-    path = Path(path)
-    if path.is_dir():
-        try:
-            return datasets.load_from_disk(str(path)).to_list()
-        except (FileNotFoundError, ValueError) as err:
-            raise DataError([f"{path}: not a directory saved by datasets ({err})"]) from None
-    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-    if path.suffix not in builders:
-        raise DataError([f"{path}: unsupported file type {path.suffix!r}; expected .jsonl, .json, .parquet"])
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own multi-line log of the error below
     try:
-        dataset = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
-    except datasets.exceptions.DatasetGenerationError:
-        raise DataError([_first_bad_json_line(path)]) from None
-    return dataset.to_list()
+        if path.is_dir():
+            return datasets.load_from_disk(str(path)).to_list()
+        return datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train").to_list()
+    except Exception as err:  # arrow, datasets and OS errors alike: the file is not data datasets can read
+        what = "a directory saved by datasets" if path.is_dir() else f"valid {path.suffix[1:]} data"
+        raise DataError([f"{path}: not {what} ({one_line(err)})"]) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
-def _first_bad_json_line(path: Path) -> str:
-    """datasets reports malformed JSON without a usable position; find the line ourselves."""
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            try:
-                line.strip() and json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"{path}: row {number}: invalid JSON ({err.msg})"
-    return f"{path}: not valid {path.suffix[1:]} data"
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line (blank lines skipped), read here: datasets reports neither the line nor the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError([f"{path}: not UTF-8 text (byte {err.start})"]) from None
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError([f"{path}: row {number}: invalid JSON ({err.msg})"]) from None
+        if not isinstance(row, dict):
+            raise DataError([f"{path}: row {number}: expected a JSON object, got {type(row).__name__}"])
+        rows.append(row)
+    return rows
 
 
 def check_pairs(rows: list[dict[str, Any]], path: str | Path) -> None:
@@ -216,22 +230,6 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 
 def _margins(pairs: list[Pair]) -> torch.Tensor:
     return torch.tensor([p.margin for p in pairs], dtype=torch.float32)
-
-
-def load_prompts(path: str | Path) -> list[str]:
-    """The `prompt` column of a data file; every row a non-empty string (errors name the row)."""
-    rows = read_rows(path)
-    problems = [
-        f"{path}: row {number}: 'prompt' must be a non-empty string, got {row.get('prompt')!r}"
-        for number, row in enumerate(rows, start=1)
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip()
-    ]
-    if not rows:
-        problems.append(f"{path}: no rows")
-    if problems:
-        extra = len(problems) - MAX_REPORTED
-        raise DataError(problems[:MAX_REPORTED] + ([f"{path}: ... and {extra} more problems"] if extra > 0 else []))
-    return [row["prompt"] for row in rows]
 
 
 def tokenize_prompts(prompts: list, tokenizer, max_length: int, chat_template: bool) -> Tokenized:

@@ -33,6 +33,8 @@ def run(base_or_adapter: str | Path, adapters: list[str], prompts: list[str], pr
         max_new_tokens: int = 32, score: bool = False) -> dict[str, list]:  # fmt: skip
     """Print the base's and each adapter's completions (or rewards) of the prompts; return them by column."""
     # 1. Inputs, all checked before the base loads.
+    if max_new_tokens < 1:
+        raise DataError([f"--max-new-tokens: got {max_new_tokens}; expected an integer > 0"])
     texts = read_prompts(prompts, prompts_file)
     named = parse_adapters(adapters)
     first = Path(base_or_adapter)
@@ -119,7 +121,7 @@ def load_base(base: Path, specs: dict[str, AdapterSpec], score: bool) -> tuple[n
     """The base, once: a causal LM, or with --score a sequence classifier for the adapters' reward heads."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    tokenizer = load_tokenizer(base, ModelConfig())
+    tokenizer = load_tokenizer(base, ModelConfig(), "base")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"dtype": torch.float32 if device == "cpu" else "auto", "use_safetensors": True}
     with quiet_transformers():  # the classifier's head is reported "missing": each adapter brings its own

@@ -9,7 +9,6 @@ Everything happens in a temporary directory next to OUT_DIR: a failure at any st
 from __future__ import annotations
 
 import copy
-import json
 import re
 import shutil
 import time
@@ -58,18 +57,20 @@ def run(adapter_dir: Path, out_dir: Path, *, base: str | Path | None = None, dty
     # 1. Inputs: every problem is found before anything is written.
     spec = read_adapter(Path(adapter_dir), base)
     out = Path(out_dir)
+    refuse_working_dir(out)
     check_out_dir(out, force, [spec.directory, spec.base])
     config = AutoConfig.from_pretrained(spec.base)
     refuse_other_base(spec, config)
     plan = streaming_merge.plan_merge(spec.base, config, spec.task, spec.header, spec.config)
-    tokenizer = output_tokenizer(spec)
-    pad_token_id = tokenizer.pad_token_id
+    tokenizer, tokenizer_source = output_tokenizer(spec)
+    pad_token_id = tokenizer.pad_token_id if tokenizer else default_pad_token_id(config)
     out_dtype = getattr(torch, dtype) if dtype else plan.base_dtype
     budget = memory_budget()
     stream, fits = choose_mode(streaming, plan.float32_bytes, budget)
     if stream:
         refuse_unstreamable(spec, plan)
     print_start(spec, out, plan, stream, streaming is None and stream, out_dtype)
+    say(f"tokenizer: {tokenizer_source}")
     if check and not fits:
         display.print_warnings([f"skipped the merged-vs-adapter check: running the models needs about "
                                 f"{gib(plan.float32_bytes)} in float32, over the budget of {gib(budget)}"])  # fmt: skip
@@ -101,20 +102,9 @@ def read_adapter(directory: Path, base: str | Path | None = None) -> AdapterSpec
 
     `base` overrides the adapter's base_model_name_or_path; a built-in tiny model name is accepted.
     """
-    if not directory.is_dir():
-        raise CheckpointError(f"adapter directory {directory} not found")
-    config_path = directory / "adapter_config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{directory}: no adapter_config.json; not a peft adapter directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: corrupt JSON ({err.msg})") from None
-    manifest = checkpoint.verify(directory) or {}
-    weights = directory / "adapter_model.safetensors"
-    if not weights.is_file() and (directory / "adapter_model.bin").is_file():
-        raise CheckpointError(f"{directory}: adapter_model.bin is a pickle file, which can run arbitrary code; "
-                              "only adapter_model.safetensors is read")  # fmt: skip
+    config = checkpoint.read_adapter_config(directory)
+    manifest = checkpoint.read_manifest(directory) or {}
+    weights = directory / checkpoint.ADAPTER_WEIGHTS
     header = streaming_merge.read_header(weights)
     if config.get("peft_type") != "LORA":
         raise ModelError(f"{directory}: a {config.get('peft_type')} adapter; only LoRA adapters are handled")
@@ -148,6 +138,15 @@ def check_out_dir(out: Path, force: bool, inputs: list[Path]) -> None:
         raise CheckpointError(f"OUT_DIR {out} is not empty; pass --force to replace it")
 
 
+def refuse_working_dir(out: Path) -> None:
+    """OUT_DIR is replaced by renaming a new directory into place: not possible for the working directory, nor for a
+    directory above it (`merge ADAPTER . --force`)."""
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise CheckpointError(f"OUT_DIR {out}: the working directory cannot be replaced, nor a directory above it; "
+                              "choose another directory")  # fmt: skip
+
+
 def refuse_other_base(spec: AdapterSpec, config) -> None:
     """An adapter whose manifest records another architecture is refused even where shapes happen to fit."""
     recorded, ours = spec.manifest.get("base_fingerprint"), base_fingerprint(config)
@@ -155,13 +154,24 @@ def refuse_other_base(spec: AdapterSpec, config) -> None:
         raise ModelError(f"{spec.directory} was made for another base ({recorded}); {spec.base} is {ours}")
 
 
-def output_tokenizer(spec: AdapterSpec):
-    """The adapter's tokenizer when it saved one (it may have added tokens), else the base's.
+def output_tokenizer(spec: AdapterSpec) -> tuple[object | None, str]:
+    """The adapter's tokenizer when it saved one (it may have added tokens), else the base's, else none: a merge
+    needs no tokenizer (bases saved by training code often have none). Also says which, for the user.
 
     Loaded as training loads it (model.load_tokenizer), so a reward model's pad token is the one it learnt with.
     """
-    has_own = any((spec.directory / name).is_file() for name in TOKENIZER_FILES)
-    return load_tokenizer(spec.directory if has_own else spec.base, ModelConfig())
+    if any((spec.directory / name).is_file() for name in TOKENIZER_FILES):
+        return load_tokenizer(spec.directory, ModelConfig(), "ADAPTER_DIR"), "the adapter's"
+    try:
+        return load_tokenizer(spec.base, ModelConfig(), "base"), f"the base's ({spec.base})"
+    except ModelError:
+        return None, "none (neither the adapter nor the base has one); the merged model has none"
+
+
+def default_pad_token_id(config) -> int | None:
+    """Without a tokenizer: the config's pad token, else EOS, as load_tokenizer would make it."""
+    eos = [i for i in eos_ids(config) if i is not None]
+    return config.pad_token_id if config.pad_token_id is not None else next(iter(eos), None)
 
 
 def memory_budget() -> int | None:
@@ -263,8 +273,10 @@ def save_config(plan: Plan, spec: AdapterSpec, dtype: torch.dtype, pad_token_id:
 
 
 def save_extras(spec: AdapterSpec, tokenizer, out: Path) -> None:
-    """The tokenizer, and the adapter's recipe when it has one (the merged model describes itself)."""
-    tokenizer.save_pretrained(out)
+    """The tokenizer when there is one, and the adapter's recipe when it has one (the merged model describes
+    itself)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     if (spec.directory / "recipe.yaml").is_file():
         shutil.copyfile(spec.directory / "recipe.yaml", out / "recipe.yaml")
 
@@ -273,11 +285,25 @@ def save_extras(spec: AdapterSpec, tokenizer, out: Path) -> None:
 
 
 def probe_ids(config, tokenizer) -> torch.Tensor:
-    """(4, 16) seeded token ids without special tokens (a pad would move where a reward is read)."""
-    allowed = torch.ones(min(len(tokenizer), config.vocab_size), dtype=torch.bool)
-    allowed[[i for i in tokenizer.all_special_ids if i < len(allowed)]] = False
+    """(4, 16) seeded token ids without special tokens (a pad would move where a reward is read); without a
+    tokenizer, those the config names."""
+    if tokenizer is not None:
+        size, special = min(len(tokenizer), config.vocab_size), tokenizer.all_special_ids
+    else:
+        size, special = config.vocab_size, special_ids(config)
+    allowed = torch.ones(size, dtype=torch.bool)
+    allowed[[i for i in special if i < len(allowed)]] = False
     ids = allowed.nonzero().squeeze(1)
     return ids[torch.randint(len(ids), PROBES, generator=torch.Generator().manual_seed(0))]
+
+
+def special_ids(config) -> list[int]:
+    """The pad, BOS and EOS ids a model config names (EOS may be a list)."""
+    return [i for i in (config.pad_token_id, config.bos_token_id, *eos_ids(config)) if i is not None]
+
+
+def eos_ids(config) -> list[int | None]:
+    return config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
 
 
 @torch.no_grad()

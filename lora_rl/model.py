@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lora_rl import checkpoint, tiny
-from lora_rl.recipe import DEFAULT_TARGET_MODULES, ModelConfig, Recipe
+from lora_rl.recipe import DEFAULT_TARGET_MODULES, ModelConfig, Recipe, one_line
 
 Head = Literal["causal-lm", "reward"]
 PEFT_TASK = {"causal-lm": "CAUSAL_LM", "reward": "SEQ_CLS"}
@@ -95,16 +95,45 @@ def resolve_path(cfg: ModelConfig) -> Path:
     return tiny.materialize(cfg.path) if cfg.path in tiny.TINY_MODELS else Path(cfg.path)
 
 
-def load_tokenizer(path: Path, cfg: ModelConfig):
-    """The base's tokenizer, with a pad token (the EOS token when the model defines none)."""
+def check_model_files(recipe: Recipe) -> None:
+    """The files `build` reads, checked before anything loads: the base, and the adapter to continue (lora_path)."""
+    cfg = recipe.actor.model
+    check_model_dir(cfg.path, cfg, "actor.model.path")
+    if cfg.is_lora and cfg.lora_path:
+        checkpoint.read_adapter_config(Path(cfg.lora_path), cfg.allow_pickle_weights)
+
+
+def check_model_dir(path: str, cfg: ModelConfig, key: str) -> None:
+    """The model directory at `path` holds what `build` reads: weights it may read (safetensors, or pickle when
+    allowed) and a tokenizer. Checked before anything loads; built-in tiny models are always whole."""
+    if path in tiny.TINY_MODELS:
+        return
+    directory = Path(path)
+    checkpoint.refuse_pickle(directory, cfg.allow_pickle_weights)
+    readable = MODEL_WEIGHTS + (PICKLE_MODEL_WEIGHTS if cfg.allow_pickle_weights else ())
+    if not any((directory / name).is_file() for name in readable):
+        raise ModelError(f"{key}: {directory} has no weights: expected {' or '.join(readable)}")
+    load_tokenizer(directory, cfg, key)
+
+
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_MODEL_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def load_tokenizer(path: Path, cfg: ModelConfig, key: str = "actor.model.path"):
+    """The base's tokenizer, with a pad token (the EOS token when the model defines none); `key` names the
+    directory in the error when there is none."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if _saved_tokenizer_class(path) in GENERIC_TOKENIZERS and (Path(path) / "tokenizer.json").is_file():
-        # transformers 5 picks the tokenizer class from the model type and ignores a saved generic one:
-        # a custom tokenizer.json on, say, a Qwen2 model would load as Qwen2's BPE and encode nothing.
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        if _saved_tokenizer_class(path) in GENERIC_TOKENIZERS and (Path(path) / "tokenizer.json").is_file():
+            # transformers 5 picks the tokenizer class from the model type and ignores a saved generic one:
+            # a custom tokenizer.json on, say, a Qwen2 model would load as Qwen2's BPE and encode nothing.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:  # which one depends on the files that are missing
+        raise ModelError(f"{key}: {path} has no tokenizer that transformers can load ({one_line(err)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -326,9 +355,7 @@ def load_trainable_adapter(model: nn.Module, cfg: ModelConfig, head: Head, match
     from peft import PeftModel
 
     adapter_dir = Path(cfg.lora_path)
-    checkpoint.verify(adapter_dir)
-    checkpoint.refuse_pickle(adapter_dir, cfg.allow_pickle_weights)
-    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    saved = checkpoint.read_adapter_config(adapter_dir, cfg.allow_pickle_weights)
     problems = adapter_contradictions(saved, cfg, model, head, matches)
     problems += base_contradictions(saved, model, adapter_dir)
     if problems:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -34,6 +35,12 @@ class RecipeError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+def one_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for a library's error whose message runs over several lines."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
 
 
 def key(default: Any, doc: str, check: tuple[typing.Callable[[Any], bool], str] | None = None) -> Any:
@@ -118,6 +125,8 @@ class TrainConfig:
         "reward model: weight of mean((r_chosen + r_rejected)^2) in the loss (TRL); null disables it",
         NON_NEGATIVE,
     )
+    max_bad_steps: int = key(3, "reward model: stop after this many consecutive optimizer steps with a non-finite "
+                             "loss or gradient norm (each is skipped)", POSITIVE_INT)  # fmt: skip
     log_every: int = key(1, "optimizer steps between metric lines", POSITIVE_INT)
     eval_every: int = key(0, "optimizer steps between evaluations; 0 evaluates only at the end", NON_NEGATIVE_INT)
     save_every: int = key(0, "optimizer steps (ppo: updates) between checkpoints; 0 saves only at the end",
@@ -230,7 +239,9 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    seed: int = key(42, "seed for data order, held-out split, initialisation and sampling")
+    # numpy takes seeds in [0, 2**32 - 1] only
+    seed: int = key(42, "seed for data order, held-out split, initialisation and sampling",
+                    (lambda v: 0 <= v < 2**32, f"an integer in [0, {2**32 - 1}]"))  # fmt: skip
     output_dir: str | None = key(None, "where checkpoints, metrics and the resolved recipe go; null: runs/RECIPE_NAME")
     actor: ActorConfig = key(ActorConfig(), "the trained model")
     data: DataConfig = key(DataConfig(), "data files")
@@ -260,6 +271,11 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # `? [1, 2]` makes a list a key: not hashable, not a name
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a recipe key must be a name, got a {kind}", key_node.start_mark
+                )
             name = self.construct_object(key_node, deep=deep)
             if name in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {name!r} appears twice", key_node.start_mark)
@@ -272,7 +288,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError([f"{path}: recipe file not found"])
     try:
-        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except UnicodeDecodeError as err:
+        raise RecipeError([f"{path}: not UTF-8 text (byte {err.start}); expected a YAML file"]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -375,6 +393,8 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         check = f.metadata.get("check")
         if not ok:
             problems.append(f"{keypath}: got {data[name]!r}; expected {_describe(hints[name])}")
+        elif isinstance(value, float) and not math.isfinite(value):  # YAML reads .inf and .nan as floats
+            problems.append(f"{keypath}: got {value!r}; expected a finite number")
         elif check and value is not None and not check[0](value):
             problems.append(f"{keypath}: got {value!r}; expected {check[1]}")
         else:
@@ -475,6 +495,11 @@ def _check_paths(recipe: Recipe) -> list[str]:
         problems.append(
             f"reward.model: {reward_model!r} has no config.json; expected a model directory or a built-in model"
         )
+    if recipe.output_dir is not None:  # the first part of it that exists must be a directory
+        out = Path(recipe.output_dir)
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            problems.append(f"output_dir: {str(existing)!r} is a file; expected a directory")
     for name in ("train_path", "eval_path"):
         value = getattr(recipe.data, name)
         if value is not None and not Path(value).exists():

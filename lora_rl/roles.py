@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ from torch import nn
 from lora_rl import checkpoint
 from lora_rl.model import ModelError, base_contradictions
 from lora_rl.ppo import entropy_from_logits, gather_logprobs
+from lora_rl.recipe import one_line
 from lora_rl.reward_model import at_last_token, hidden_states, no_split_modules, transformers_model
 from lora_rl.rewards import RewardTerm
 
@@ -129,10 +130,11 @@ def attach_critic(model: nn.Module, mode: str) -> tuple[nn.Linear, str | None]:
     return head, CRITIC
 
 
-def attach_reference(model: nn.Module, reference: str, lora_path: str | None) -> str | None:
+def attach_reference(model: nn.Module, reference: str, lora_path: str | None, allow_pickle: bool) -> str | None:
     """The KL reference: None (adapters off), or a frozen copy of the starting adapter on the same base."""
     if reference == "base":
         return None
+    checkpoint.read_adapter_config(Path(lora_path), allow_pickle)  # when resuming, read here only
     model.load_adapter(lora_path, adapter_name=REFERENCE, is_trainable=False)
     return REFERENCE
 
@@ -144,8 +146,7 @@ def attach_reward_adapter(model: nn.Module, adapter_dir: str) -> nn.Linear:
     so the head is read from the adapter's safetensors here.
     """
     directory = Path(adapter_dir)
-    checkpoint.verify(directory)
-    saved = json.loads((directory / "adapter_config.json").read_text())
+    saved = checkpoint.read_adapter_config(directory)  # the score head is read from its safetensors: no opt-in
     if saved.get("task_type") != "SEQ_CLS":
         raise ModelError(f"reward.adapter: {directory} is a {saved.get('task_type')} adapter; expected SEQ_CLS")
     problems = base_contradictions(saved, transformers_model(model), directory)
@@ -169,18 +170,36 @@ def _score_head(weights: dict[str, torch.Tensor], directory: Path) -> nn.Linear:
     return head.requires_grad_(False)
 
 
-def import_reward_function(spec: str) -> RewardFunction:
-    """`package.module:function` -> the callable; a clear error when it cannot be imported."""
+def import_reward_function(spec: str, recipe_dir: Path | None = None) -> RewardFunction:
+    """`package.module:function` -> the callable; a clear error when it cannot be imported.
+
+    The module is looked up in the recipe's directory, then the working directory, then the installed packages:
+    the same under every entry point (`python -m lora_rl` puts the working directory on sys.path, the `lora-rl`
+    script does not).
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ModelError(f"reward.function: got {spec!r}; expected package.module:function")
+    importlib.invalidate_caches()  # a module written since the last import (as tests do) is found too
     try:
-        function = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ModelError(f"reward.function: cannot import {spec!r} ({err})") from None
+        with search_path([*([recipe_dir] if recipe_dir else []), Path.cwd()]):
+            function = getattr(importlib.import_module(module_name), attr)
+    except Exception as err:  # the module is the user's code: whatever it raises on import is their error
+        raise ModelError(f"reward.function: cannot import {spec!r} ({one_line(err)})") from None
     if not callable(function):
         raise ModelError(f"reward.function: {spec!r} is not callable")
     return function
+
+
+@contextmanager
+def search_path(directories: list[Path]) -> Iterator[None]:
+    """sys.path with `directories` first, for the block only."""
+    saved = list(sys.path)
+    sys.path[:0] = [str(Path(d).resolve()) for d in directories]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ rewards, GAE, whitening; grpo: group-relative estimators; lora_rl.objectives) (5
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from lora_rl.model import (
     Built,
     base_fingerprint,
     build,
+    check_model_dir,
+    check_model_files,
     classifier_head_name,
     disable_dropout,
     enable_gradient_checkpointing,
@@ -57,27 +58,22 @@ from lora_rl.roles import (
     import_reward_function,
 )
 from lora_rl.rollout import Rollout, collect
-from lora_rl.train_state import Interrupt, Interrupted, on_any_process
-
-
-class BadUpdate(Exception):
-    """A non-finite value at an update: nothing from this update is applied or saved."""
+from lora_rl.train_state import BadUpdate, Interrupt, Interrupted, on_any_process
 
 
 def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False,
-        command: str = "ppo") -> Path:  # fmt: skip
+        command: str = "ppo", recipe_dir: Path | None = None) -> Path:  # fmt: skip
     """Run the `ppo` or `grpo` recipe; returns the final policy adapter directory.
 
-    `resume` (or train.resume): "auto", a checkpoint or a run directory to continue from.
+    `resume` (or train.resume): "auto", a checkpoint or a run directory to continue from. `recipe_dir`: where the
+    recipe file is, searched first for reward.function's module.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # 1. Everything that can be wrong with the input, before any model loads.
-    check_recipe(recipe, command)
+    rows, terms = check_inputs(recipe, recipe_dir, command)
     schedule = schedule_of(recipe, command)
-    rows = load_prompt_rows(recipe.data.train_path)
-    terms = import_rewards(recipe, rows)
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     materialize_builtins(recipe)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)  # accumulation is handled below
@@ -149,11 +145,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
             except BadUpdate as err:
                 snapshot.restore()
                 position.bad_in_a_row += 1
-                if main:  # the same on every process
-                    display.print_warnings([f"{err}; update skipped ({position.bad_in_a_row} in a row)"])
-                if position.bad_in_a_row >= schedule.max_bad_updates:
-                    raise BadUpdate(f"stopping: {position.bad_in_a_row} consecutive updates with non-finite values "
-                                    f"({command}.max_bad_updates: {schedule.max_bad_updates})") from None  # fmt: skip
+                train_state.skip_or_stop(str(err), position.bad_in_a_row, schedule.max_bad_updates, "update",
+                                         f"{command}.max_bad_updates", main)  # fmt: skip
                 continue
             position.bad_in_a_row = 0
             # (6) KL controller (ppo), group statistics (grpo); (7) log
@@ -249,6 +242,21 @@ class PromptBatches:
 # ---------------------------------------------------------------- checks and setup
 
 
+def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
+                 command: str = "ppo") -> tuple[list[dict], list[RewardTerm] | None]:  # fmt: skip
+    """Every check `command` (ppo or grpo) makes before it loads a model, also run by `validate --for`: its
+    settings, the model and adapter files, the prompts and the reward functions' import (and their arguments
+    against the data's columns). Returns the prompt rows and the reward functions."""
+    check_recipe(recipe, command)
+    check_model_files(recipe)
+    if recipe.reward.adapter:
+        checkpoint.read_adapter_config(Path(recipe.reward.adapter))
+    if recipe.reward.model:
+        check_model_dir(recipe.reward.model, recipe.actor.model, "reward.model")
+    rows = load_prompt_rows(recipe.data.train_path)
+    return rows, import_rewards(recipe, rows, recipe_dir)
+
+
 def check_recipe(recipe: Recipe, command: str = "ppo") -> None:
     """The command's problems with the recipe, all at once, before any model loads."""
     problems = []
@@ -296,13 +304,14 @@ def check_launch(accelerator, recipe: Recipe, schedule: Schedule, prompts: int) 
         raise RecipeError(problems)
 
 
-def import_rewards(recipe: Recipe, rows: list[dict]) -> list[RewardTerm] | None:
-    """reward.function or reward.functions, imported and checked against the data's columns (before training)."""
+def import_rewards(recipe: Recipe, rows: list[dict], recipe_dir: Path | None = None) -> list[RewardTerm] | None:
+    """reward.function or reward.functions, imported (recipe_dir first) and checked against the data's columns."""
     reward = recipe.reward
     specs = [(reward.function, 1.0)] if reward.function else [(f.function, f.weight) for f in reward.functions or []]
     if not specs:
         return None
-    terms = [RewardTerm(import_reward_function(spec), weight, spec.rpartition(":")[2]) for spec, weight in specs]
+    terms = [RewardTerm(import_reward_function(spec, recipe_dir), weight, spec.rpartition(":")[2])
+             for spec, weight in specs]  # fmt: skip
     try:
         check_terms(terms, data_columns(rows))
     except RewardError as err:  # found before training: an input problem
@@ -318,7 +327,9 @@ def setup_roles(built: Built, recipe: Recipe, terms: list[RewardTerm] | None, sc
     if cfg.is_lora:
         value_head, critic = attach_critic(model, recipe.critic.mode) if objective.critic else (None, None)
         reference = schedule.reference or ("initial_adapter" if cfg.lora_path else "base")
-        adapter = attach_reference(model, reference, cfg.lora_path) if objective.needs_reference else None
+        adapter = None
+        if objective.needs_reference:
+            adapter = attach_reference(model, reference, cfg.lora_path, cfg.allow_pickle_weights)
         roles = Roles(model, value_head, critic, adapter)
     else:
         value_head = attach_critic(model, "shared")[0] if objective.critic else None
@@ -447,10 +458,7 @@ def optimise(accelerator, model, optimizer, rollout: Rollout, found: Advantages,
                 sums[name] = sums.get(name, 0.0) + value.item()
             steps += 1
             if boundary:
-                # All the prepared model's parameters (frozen ones have no gradient): accelerate then uses FSDP's
-                # own clipping, whose norm covers every rank's shard, not this rank's alone.
-                norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm or math.inf)
-                if not torch.isfinite(norm):
+                if not train_state.clip_gradients(accelerator, model, recipe.train.max_grad_norm):
                     if accelerator.scaler is None:
                         optimizer.zero_grad(set_to_none=True)
                         raise BadUpdate(f"update {update}: non-finite gradient norm")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lora_rl import checkpoint, display, train_state
 from lora_rl.data import DataError, EpochSampler, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
-from lora_rl.model import Built, base_fingerprint, build, materialize_builtins
+from lora_rl.model import Built, base_fingerprint, build, check_model_files, materialize_builtins
 from lora_rl.recipe import Recipe, RecipeError
 from lora_rl.reward_model import PACKABLE_ATTENTION, RewardModel, bradley_terry, transformers_model
 from lora_rl.train_state import Interrupt, Interrupted
@@ -31,8 +31,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     from accelerate.utils import set_seed
 
     # 1. Everything that can be wrong with the input is found before any model loads.
-    train_state.check_mixed_precision(recipe.train.mixed_precision)
-    train_rows, eval_rows = load_split(recipe)
+    train_rows, eval_rows = check_inputs(recipe)
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     materialize_builtins(recipe)
     accelerator = Accelerator(
@@ -94,6 +93,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
 
     per_micro_batch = recipe.train.batch_size * accelerator.num_processes
     window, started = Window(), time.perf_counter()
+    pending = []  # this step's micro-batch results: into the window once the step proves finite
     window.load(position.window)
     with (
         display.Progress(total_steps, "train", enabled=main) as progress,
@@ -109,32 +109,42 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                     chosen, rejected = rewards.chunk(2)
                     out_ = bradley_terry(chosen, rejected, batch.margin, recipe.train.center_rewards_coefficient)
                     accelerator.backward(out_.loss)
-                    if accelerator.sync_gradients and recipe.train.max_grad_norm:
-                        # All the prepared model's parameters (frozen ones have no gradient): accelerate then
-                        # uses FSDP's own clipping, whose norm covers every rank's shard, not this rank's alone.
-                        accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
-                    optimizer.step()
+                    pending.append((out_, len(chosen)))
+                    bad = step_problem(accelerator, model, recipe, pending) if accelerator.sync_gradients else None
+                    if bad is None or accelerator.scaler is not None:  # a GradScaler skips non-finite steps itself
+                        optimizer.step()  # accelerate steps only at the end of an accumulation group
                     optimizer.zero_grad(set_to_none=True)
-                window.add(out_, len(chosen))
                 position.offset += per_micro_batch
                 if not accelerator.sync_gradients:
                     continue
                 position.step += 1
                 scheduler.step()
-                if position.step % recipe.train.log_every == 0 or position.step == total_steps:
+                if bad:  # the weights did not change: the step counts, its metrics do not
+                    position.bad_in_a_row += 1
+                    limit = recipe.train.max_bad_steps
+                    train_state.skip_or_stop(f"step {position.step}: {bad}", position.bad_in_a_row, limit, "step",
+                                             "train.max_bad_steps", main)  # fmt: skip
+                else:
+                    position.bad_in_a_row = 0
+                    for result, pairs in pending:
+                        window.add(result, pairs)
+                pending.clear()
+                due = position.step % recipe.train.log_every == 0 or position.step == total_steps
+                if due and window.pairs:
                     record = window.flush(accelerator, position.step, scheduler.get_last_lr()[0], time.perf_counter())
                     log(out, record, main)
                     metrics = {"loss": record["loss"], "acc": record["accuracy"], "pairs/s": record["pairs_per_s"]}
                     progress.update(position.step, metrics)
                 step = position.step
-                if recipe.train.eval_every and step % recipe.train.eval_every == 0 and step < total_steps:
+                mid_run = not bad and step < total_steps  # a skipped step is neither evaluated nor saved
+                if mid_run and recipe.train.eval_every and step % recipe.train.eval_every == 0:
                     log(out, evaluate(model, eval_loader, accelerator, step), main, progress)
                 if position.offset >= len(train_set):  # the epoch is over: the next step starts a new one
                     position.epoch, position.offset = position.epoch + 1, 0
                 position.window = window.state()
-                if step < total_steps and interrupt.requested_anywhere():
+                if mid_run and interrupt.requested_anywhere():
                     raise Interrupted(save(f"checkpoint-{step}", step), step)
-                if recipe.train.save_every and step % recipe.train.save_every == 0 and step < total_steps:
+                if mid_run and recipe.train.save_every and step % recipe.train.save_every == 0:
                     save(f"checkpoint-{step}", step)
                 if step >= total_steps:
                     break
@@ -152,12 +162,32 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
 
 @dataclass
 class Position:
-    """Where a run is: optimizer steps done, and the next example's (epoch, offset) in the data order."""
+    """Where a run is: optimizer steps done, the next example's (epoch, offset) in the data order, the guard's count."""
 
     step: int = 0
     epoch: int = 0
     offset: int = 0
     window: dict = field(default_factory=dict)  # metric sums since the last log line
+    bad_in_a_row: int = 0  # non-finite steps skipped since the last good one
+
+
+def step_problem(accelerator, model, recipe: Recipe, results: list) -> str | None:
+    """Clip the step's gradients; what is not finite in its losses or gradient norm (None: nothing), the same on
+    every process (one skipping a step the others take would leave their weights apart)."""
+    found = None
+    if not torch.isfinite(torch.stack([result.loss.detach() for result, _ in results])).all():
+        found = "non-finite loss"
+    if not train_state.clip_gradients(accelerator, model, recipe.train.max_grad_norm):
+        found = found or "non-finite gradient norm"
+    return train_state.on_any_process(accelerator, found)
+
+
+def check_inputs(recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """Every check train-reward makes before it loads a model, also run by `validate --for train-reward`: mixed
+    precision, the model and adapter files, the preference pairs. Returns the (train, eval) rows."""
+    train_state.check_mixed_precision(recipe.train.mixed_precision)
+    check_model_files(recipe)
+    return load_split(recipe)
 
 
 def load_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_rl import checkpoint
+from lora_rl import checkpoint, display
 from lora_rl.recipe import Recipe, RecipeError, load_recipe
 
 STATE = "trainer_state.json"
@@ -246,6 +247,32 @@ def resumed_recipe(recipe: Recipe, resume_dir: Path | None) -> Recipe:
     return dataclasses.replace(
         recipe, actor=dataclasses.replace(recipe.actor, model=dataclasses.replace(model, **changed))
     )
+
+
+# ---------------------------------------------------------------- non-finite values
+
+
+class BadUpdate(Exception):
+    """A non-finite value at an update or optimizer step: nothing from it is applied or saved."""
+
+
+def clip_gradients(accelerator, model: torch.nn.Module, max_norm: float | None) -> bool:
+    """Clip the gradients to `max_norm` (None: only measure them); whether their norm is finite.
+
+    All the prepared model's parameters (frozen ones have no gradient): accelerate then uses FSDP's own clipping,
+    whose norm covers every rank's shard, not this rank's alone, so every process gets the same answer. DeepSpeed
+    clips (and steps) inside backward and may report no norm: taken as finite here.
+    """
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    return norm is None or math.isfinite(float(norm))
+
+
+def skip_or_stop(problem: str, in_a_row: int, limit: int, unit: str, key: str, main: bool) -> None:
+    """After an update or step skipped for `problem` (`in_a_row` so far): warn, and stop the run at `limit`."""
+    if main:  # the same on every process
+        display.print_warnings([f"{problem}; {unit} skipped ({in_a_row} in a row)"])
+    if in_a_row >= limit:
+        raise BadUpdate(f"stopping: {in_a_row} consecutive {unit}s with non-finite values ({key}: {limit})")
 
 
 # ---------------------------------------------------------------- Ctrl-C

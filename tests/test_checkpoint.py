@@ -100,3 +100,10 @@ def test_restart_recovers_from_a_killed_save(tmp_path):
     recover_interrupted_saves(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "final"]
     assert (tmp_path / "final" / "w.safetensors").read_bytes() == b"previous"
+
+
+def test_other_safetensors_files_do_not_make_pickle_weights_safe(tmp_path):
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    (tmp_path / "optimizer.safetensors").write_bytes(b"")  # every lora-rl checkpoint holds one
+    with pytest.raises(CheckpointError, match=r"the weights are pickle \(adapter_model.bin\)"):
+        checkpoint.refuse_pickle(tmp_path, allow_pickle=False)

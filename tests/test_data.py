@@ -154,15 +154,16 @@ def test_text_that_tokenizes_to_nothing_is_an_error():
 
 
 def test_prompt_rows_are_checked(tmp_path):
-    from lora_rl.data import load_prompts
+    from lora_rl.rewards import load_prompt_rows
 
     path = jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": ""}, {"text": "x"}, {"prompt": 3}])
     with pytest.raises(DataError) as err:
-        load_prompts(path)
+        load_prompt_rows(path)
+    expected = "must be a non-empty string (or, in every row, a list of {role, content} messages)"
     assert err.value.problems == [
-        f"{path}: row 2: 'prompt' must be a non-empty string, got ''",
-        f"{path}: row 3: 'prompt' must be a non-empty string, got None",
-        f"{path}: row 4: 'prompt' must be a non-empty string, got 3",
+        f"{path}: row 2: 'prompt' {expected}, got ''",
+        f"{path}: row 3: 'prompt' {expected}, got None",
+        f"{path}: row 4: 'prompt' {expected}, got 3",
     ]
 
 

@@ -480,3 +480,23 @@ def test_missing_shard_is_reported(tmp_path, sharded_llama):
     adapter = make_adapter(tmp_path / "adapter", sharded_llama, target_modules=["q_proj"])
     with pytest.raises(checkpoint.CheckpointError, match="model-00001-of-.*: weights file missing"):
         stream(adapter, tmp_path / "out", base=base)
+
+
+@pytest.mark.parametrize("reward", [False, True], ids=["causal-lm", "reward"])
+def test_base_without_tokenizer_merges_and_says_so(tmp_path, reward):
+    base = Path(shutil.copytree(tiny.materialize("tiny-llama"), tmp_path / "base"))
+    for path in base.glob("tokenizer*"):
+        path.unlink()
+    adapter = make_adapter(tmp_path / "adapter", base, reward=reward, target_modules=["q_proj"])
+    result = runner.invoke(app, ["merge", str(adapter), str(tmp_path / "out")], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "tokenizer: none (neither the adapter nor the base has one); the merged model has none" in result.stdout
+    assert "check: max |logit diff|" in result.stdout
+    assert (tmp_path / "out/model.safetensors").is_file() and not list((tmp_path / "out").glob("tokenizer*"))
+
+
+def test_merge_says_whose_tokenizer_it_copied(tmp_path, llama_adapter):
+    result = runner.invoke(app, ["merge", str(llama_adapter), str(tmp_path / "out"), "--no-check"])
+    assert result.exit_code == 0, result.output
+    assert f"tokenizer: the base's ({tiny.materialize('tiny-llama')})" in result.stdout
+    assert (tmp_path / "out/tokenizer.json").is_file()

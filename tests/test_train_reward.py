@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from lora_rl.checkpoint import CheckpointError, verify
 from lora_rl.cli import app
 from lora_rl.data import PairCollator, load_pairs, tokenize_pairs
 from lora_rl.recipe import RecipeError, load_recipe
+from lora_rl.reward_model import bradley_terry
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PAIRS = [json.loads(line) for line in (ROOT / "recipes/data/reward-demo.jsonl").read_text().splitlines()]
@@ -194,3 +196,34 @@ def test_eval_metrics_are_defined_as_in_training():
     # diffs 2 - 0 = 2 and 1 - 0.5 = 0.5; margins 3 and 0: loss uses 2 - 3 = -1 and 0.5
     assert record["accuracy"] == 1.0 and record["margin"] == pytest.approx(1.25) and record["pairs"] == 2
     assert record["loss"] == pytest.approx((math.log(1 + math.exp(1)) + math.log(1 + math.exp(-0.5))) / 2)
+
+
+def test_diverging_run_skips_non_finite_steps_then_stops_with_nothing_final(write_recipe, pair_files):
+    """A huge (finite) learning rate blows the weights up after one step: every later step is non-finite."""
+    recipe = short_recipe(write_recipe, pair_files, train={"learning_rate": 1e30, "max_bad_steps": 2, "save_every": 1})
+    path = Path(recipe.output_dir).parent / "diverge.yaml"
+    recipe.save(path)
+    result = CliRunner().invoke(app, ["train-reward", str(path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 1, result.output
+    assert "warning: step 2: non-finite gradient norm; step skipped (1 in a row)" in result.stderr
+    assert "error: stopping: 2 consecutive steps with non-finite values (train.max_bad_steps: 2)" in result.stderr
+    assert "Traceback" not in result.output
+    out = Path(recipe.output_dir)
+    assert not (out / "final").exists() and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert all(math.isfinite(m["loss"]) for m in metrics(out))
+
+
+def test_one_non_finite_step_is_skipped_and_training_goes_on(write_recipe, pair_files, monkeypatch, capsys):
+    calls = []
+
+    def nan_on_third_micro_batch(chosen, rejected, *args):
+        calls.append(1)
+        out = bradley_terry(chosen, rejected, *args)
+        return out._replace(loss=out.loss * math.nan) if len(calls) == 3 else out
+
+    monkeypatch.setattr(train_reward, "bradley_terry", nan_on_third_micro_batch)
+    recipe = short_recipe(write_recipe, pair_files, train={"max_steps": 4})
+    final = train_reward.run(recipe)
+    assert "step 3: non-finite loss; step skipped (1 in a row)" in capsys.readouterr().err
+    assert all(torch.isfinite(t).all() for t in load_file(final / "adapter_model.safetensors").values())
+    assert [m["step"] for m in metrics(Path(recipe.output_dir)) if m["split"] == "train"] == [1, 2, 4]
