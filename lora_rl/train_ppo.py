@@ -133,8 +133,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                 sample = partial(collect, actor_critic, roles, built.tokenizer, prompt_rows, prompt_ids, prompt_mask,
                                  recipe.generation, objective.needs_reference,
                                  StepState(update - 1, total))  # fmt: skip
-                with torch.no_grad():
-                    rollout, timings = trained(within=sample)
+                rollout, timings = sample_everywhere(accelerator, trained, sample)
                 check_finite(accelerator, update, rollout, schedule)
                 # (3)-(4) advantages: ppo's KL-shaped rewards + GAE, or grpo's group-relative estimators
                 found = objective.advantages(accelerator, rollout)
@@ -371,6 +370,21 @@ def load_reward_model(recipe: Recipe):
 
 
 # ---------------------------------------------------------------- one update
+
+
+def sample_everywhere(accelerator, trained, sample) -> tuple[Rollout, object]:
+    """Run the rollout inside the prepared module's forward; a reward function that fails on any process stops
+    every process (RewardError naming it): one alone would leave the others waiting in a collective forever."""
+    failure = None
+    try:
+        with torch.no_grad():
+            rollout, timings = trained(within=sample)
+    except RewardError as err:
+        failure = str(err)
+    failure = on_any_process(accelerator, failure)
+    if failure:
+        raise RewardError(failure)
+    return rollout, timings
 
 
 def check_finite(accelerator, update: int, rollout: Rollout, schedule: Schedule) -> None:

@@ -202,13 +202,23 @@ def test_initial_adapter_reference_starts_at_zero_kl(tmp_path):
     assert abs(metrics(out)[0]["kl"]) > 1e-2
 
 
-def test_non_finite_reward_skips_updates_then_stops(tmp_path):
-    result, out = demo(tmp_path, "reward.function=tests.process_rewards:nan", "ppo.max_bad_updates=2",
-                       "train.save_every=1")
+def test_non_finite_loss_skips_updates_then_stops(tmp_path, monkeypatch):
+    real = ppo.policy_loss
+    monkeypatch.setattr(ppo, "policy_loss", lambda *a, **k: real(*a, **k)._replace(loss=torch.tensor(float("nan"))))
+    result, out = demo(tmp_path, "ppo.max_bad_updates=2", "train.save_every=1")
     assert result.exit_code == 1
-    assert "warning: update 1: non-finite reward (32 of 32); update skipped (1 in a row)" in result.stderr
+    assert "warning: update 1: non-finite loss (policy_loss nan" in result.stderr
+    assert "update skipped (1 in a row)" in result.stderr
     assert "error: stopping: 2 consecutive updates with non-finite values (ppo.max_bad_updates: 2)" in result.stderr
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*")) and not (out / "final").exists()
+
+
+def test_a_reward_function_returning_nan_is_a_named_error(tmp_path):
+    result, out = demo(tmp_path, "reward.function=tests.process_rewards:nan")
+    assert result.exit_code == 1
+    assert ("error: reward function tests.process_rewards:nan: completion 1 of 32: expected a finite number or "
+            "None, got nan") in result.stderr  # fmt: skip
+    assert not (out / "final").exists() and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(
