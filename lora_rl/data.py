@@ -40,7 +40,7 @@ class PairBatch(NamedTuple):
     attention_mask: torch.Tensor  # (N, T), 1 on real tokens; packed: (B, 1, T, T) bool, True where it may attend
     margin: torch.Tensor  # (B,)
     position_ids: torch.Tensor | None = None  # packed: (B, T)
-    read_at: torch.Tensor | None = None  # packed: (2B, 2) (row, position) of each chosen, then rejected, last token
+    read_at: torch.Tensor | None = None  # packed: (2B, 2) (row, position) of each chosen, then rejected, EOS
 
     def model_inputs(self) -> tuple:
         return self.input_ids, self.attention_mask, self.position_ids, self.read_at
@@ -130,22 +130,31 @@ class Tokenized(NamedTuple):
 
 
 def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, drop_long: bool) -> Tokenized:
-    """Tokenize prompt+chosen and prompt+rejected (the prompt is prepended as is, as TRL does)."""
+    """Tokenize prompt+chosen and prompt+rejected (the prompt is prepended as is, as TRL does), each ending in
+    the EOS its reward is read at (reward_model.reward_ids); a long text keeps its first tokens and the EOS."""
+    from lora_rl.reward_model import reward_ids
+
     if not rows:
         return Tokenized([], 0, 0)
     prompts = [row.get("prompt") or "" for row in rows]
-    chosen = tokenizer([p + row["chosen"] for p, row in zip(prompts, rows, strict=True)])["input_ids"]
-    rejected = tokenizer([p + row["rejected"] for p, row in zip(prompts, rows, strict=True)])["input_ids"]
-    empty = [number for number, (c, r) in enumerate(zip(chosen, rejected, strict=True), start=1) if not c or not r]
-    if empty:  # the model cannot read a reward off zero tokens; usually a tokenizer that does not fit the data
+    chosen = reward_ids(tokenizer, [p + row["chosen"] for p, row in zip(prompts, rows, strict=True)])
+    rejected = reward_ids(tokenizer, [p + row["rejected"] for p, row in zip(prompts, rows, strict=True)])
+    empty = [number for number, (c, r) in enumerate(zip(chosen, rejected, strict=True), start=1)
+             if len(c) < 2 or len(r) < 2]  # fmt: skip
+    if empty:  # nothing but the EOS to read a reward off; usually a tokenizer that does not fit the data
         raise DataError([f"rows {_first(empty)}: text tokenizes to zero tokens; check the tokenizer and the data"])
     pairs, truncated = [], 0
     for row, c, r in zip(rows, chosen, rejected, strict=True):
         too_long = len(c) > max_length or len(r) > max_length
         truncated += too_long
         if not (too_long and drop_long):
-            pairs.append(Pair(c[:max_length], r[:max_length], float(row.get("margin") or 0.0)))
+            pairs.append(Pair(_keep_last(c, max_length), _keep_last(r, max_length), float(row.get("margin") or 0.0)))
     return Tokenized(pairs, truncated, truncated if drop_long else 0)
+
+
+def _keep_last(ids: list[int], max_length: int) -> list[int]:
+    """At most max_length ids, the last one (the EOS the reward is read at) kept."""
+    return ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:]
 
 
 def _first(numbers: list[int], limit: int = 5) -> str:

@@ -27,9 +27,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora_rl import checkpoint
+from lora_rl.data import pad
 from lora_rl.model import ModelError, base_contradictions
 from lora_rl.ppo import entropy_from_logits, gather_logprobs
-from lora_rl.reward_model import at_last_token, hidden_states, no_split_modules, transformers_model
+from lora_rl.reward_model import at_last_token, hidden_states, no_split_modules, transformers_model, with_eos
 
 POLICY, CRITIC, REWARD, REFERENCE = "default", "critic", "reward", "reference"
 RewardFunction = Callable[[list[str], list[str]], list[float]]
@@ -154,10 +155,13 @@ def import_reward_function(spec: str) -> RewardFunction:
 
 
 @torch.no_grad()
-def adapter_rewards(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) scores from the reward adapter: its hidden state at each row's last real token -> score head."""
+def adapter_rewards(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B,) scores from the reward adapter: its hidden state at an EOS after each row's real tokens (the sampled
+    one, or one appended to a completion cut without it) -> score head."""
+    rows = [row[real.bool()].tolist() for row, real in zip(input_ids, attention_mask, strict=True)]  # B syncs: small
+    ids, mask = (t.to(input_ids.device) for t in pad(with_eos(rows, eos_id), eos_id, "right"))
     with roles.use(REWARD):
-        last = at_last_token(hidden_states(roles.model, input_ids, attention_mask), attention_mask)
+        last = at_last_token(hidden_states(roles.model, ids, mask), mask)
     return roles.reward_head(last.to(roles.reward_head.weight.dtype)).squeeze(-1).float()
 
 

@@ -13,7 +13,7 @@ import torch
 from lora_rl import ppo
 from lora_rl.data import pad
 from lora_rl.recipe import GenerationConfig
-from lora_rl.reward_model import RewardModel
+from lora_rl.reward_model import RewardModel, reward_ids
 from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, output_layer, reference_logprobs
 
 
@@ -82,7 +82,7 @@ def score(roles: Roles, tokenizer, prompts: list[str], responses: torch.Tensor, 
           input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """(B,) float32 scores from whichever reward the recipe names."""
     if roles.reward_head is not None:
-        return adapter_rewards(roles, input_ids, attention_mask)
+        return adapter_rewards(roles, input_ids, attention_mask, tokenizer.eos_token_id)
     completions = decode(tokenizer, responses, mask)
     if roles.reward_function is not None:
         values = roles.reward_function(prompts, completions)
@@ -99,7 +99,8 @@ def decode(tokenizer, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def model_rewards(model: RewardModel, tokenizer, prompts: list[str], completions: list[str], device) -> torch.Tensor:
-    """Scores from a separate reward model, which may tokenize differently: texts are re-tokenized for it."""
-    ids = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])["input_ids"]
+    """Scores from a separate reward model, which may tokenize differently: texts are re-tokenized for it (and
+    read at an EOS after them, as train-reward reads them)."""
+    ids = reward_ids(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
     input_ids, attention_mask = pad(ids, tokenizer.pad_token_id, "right")
     return model(input_ids.to(device), attention_mask.to(device))
