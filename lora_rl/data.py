@@ -131,9 +131,7 @@ class Tokenized(NamedTuple):
 
 def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, drop_long: bool) -> Tokenized:
     """Tokenize prompt+chosen and prompt+rejected (the prompt is prepended as is, as TRL does), each ending in
-    the EOS its reward is read at (reward_model.reward_ids); a long text keeps its first tokens and the EOS."""
-    from lora_rl.reward_model import reward_ids
-
+    the EOS its reward is read at (reward_ids); a long text keeps its first tokens and the EOS."""
     if not rows:
         return Tokenized([], 0, 0)
     prompts = [row.get("prompt") or "" for row in rows]
@@ -150,6 +148,21 @@ def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, drop_
         if not (too_long and drop_long):
             pairs.append(Pair(_keep_last(c, max_length), _keep_last(r, max_length), float(row.get("margin") or 0.0)))
     return Tokenized(pairs, truncated, truncated if drop_long else 0)
+
+
+def with_eos(sequences: list[list[int]], eos_id: int) -> list[list[int]]:
+    """Each sequence ending in EOS, appended unless it already ends with one: the position the reward is read at.
+
+    A completion cut at max_new_tokens gets one too, so it is read as the same text with EOS would be (TRL reads
+    it at its last token instead, a position the reward model never trained on)."""
+    return [ids if ids and ids[-1] == eos_id else [*ids, eos_id] for ids in sequences]
+
+
+def reward_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The token ids a reward model reads for each text: the tokenizer's ids (special tokens included), then EOS."""
+    if tokenizer.eos_token_id is None:
+        raise DataError(["the tokenizer has no EOS token; a reward is read at an EOS appended to each text"])
+    return with_eos(tokenizer(texts)["input_ids"], tokenizer.eos_token_id)
 
 
 def _keep_last(ids: list[int], max_length: int) -> list[int]:

@@ -18,11 +18,11 @@ from rich.table import Table
 from torch import nn
 
 from lora_rl import display, merge
-from lora_rl.data import DataError, pad
+from lora_rl.data import DataError, pad, reward_ids
 from lora_rl.merge import AdapterSpec
 from lora_rl.model import ModelError, classifier_head_name, load_tokenizer, quiet_transformers
 from lora_rl.recipe import ModelConfig
-from lora_rl.reward_model import RewardModel, reward_ids
+from lora_rl.reward_model import RewardModel
 from lora_rl.streaming_merge import adapter_parts, first_few, model_layout, reward_labels
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")  # peft keeps adapters in ModuleDicts, whose keys cannot hold dots

@@ -1,8 +1,8 @@
 """A scalar reward read at each sequence's last real token, and the Bradley-Terry pairwise loss.
 
 One convention everywhere a reward is read (TRL's): the reward model reads a text at an EOS that follows it.
-`reward_ids` makes that input from text, `with_eos` from token ids; train-reward, `load --score`, the reward
-adapter and a separate reward model in PPO, all go through them, so one text gets one reward.
+`data.reward_ids` makes that input from text, `data.with_eos` from token ids; train-reward, `load --score`, the
+reward adapter and a separate reward model in PPO all go through them, so one text gets one reward.
 `RewardModel` wraps a sequence classifier (plain or peft-wrapped): backbone -> hidden state at the last
 token where attention_mask is 1 -> score head. Reading the position from the attention mask (not from
 `input_ids != pad_token_id`, as transformers does) stays right when the pad token equals a real token
@@ -17,28 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_rl.model import ModelError
-
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """(N, T) mask -> (N,) index of each row's last real token, for right or left padding."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask).argmax(dim=-1)
-
-
-def with_eos(sequences: list[list[int]], eos_id: int) -> list[list[int]]:
-    """Each sequence ending in EOS, appended unless it already ends with one: the position the reward is read at.
-
-    A completion cut at max_new_tokens gets one too, so it is read as the same text with EOS would be (TRL reads
-    it at its last token instead, a position the reward model never trained on)."""
-    return [ids if ids and ids[-1] == eos_id else [*ids, eos_id] for ids in sequences]
-
-
-def reward_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """The token ids a reward model reads for each text: the tokenizer's ids (special tokens included), then EOS."""
-    if tokenizer.eos_token_id is None:
-        raise ModelError("the tokenizer has no EOS token; a reward is read at an EOS appended to each text")
-    return with_eos(tokenizer(texts)["input_ids"], tokenizer.eos_token_id)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -27,10 +27,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora_rl import checkpoint
-from lora_rl.data import pad
+from lora_rl.data import pad, with_eos
+from lora_rl.lm_head import lm_logits
 from lora_rl.model import ModelError, base_contradictions
 from lora_rl.ppo import entropy_from_logits, gather_logprobs
-from lora_rl.reward_model import at_last_token, hidden_states, no_split_modules, transformers_model, with_eos
+from lora_rl.reward_model import at_last_token, hidden_states, no_split_modules, transformers_model
 
 POLICY, CRITIC, REWARD, REFERENCE = "default", "critic", "reward", "reference"
 RewardFunction = Callable[[list[str], list[str]], list[float]]
@@ -199,7 +200,7 @@ class ActorCritic(nn.Module):
                     prompt_width: int) -> ActorCriticOutput:  # fmt: skip
         """Log-probs, entropy and values from the policy's (B, R, H) hidden states before each response token."""
         with self.roles.use(POLICY):  # the LM head too may carry LoRA
-            logits = output_layer(self.roles.model)(policy_hidden)  # (B, R, V): the LM head only where needed
+            logits = lm_logits(self.roles.model, policy_hidden)  # (B, R, V): the LM head only where needed
         logprobs = gather_logprobs(logits, input_ids[:, prompt_width:], self.temperature)
         with torch.no_grad():
             entropy = entropy_from_logits(logits, self.temperature)
@@ -228,5 +229,5 @@ def reference_logprobs(
     with full fine-tuning, the frozen copy of the base)."""
     model = roles.reference_model or roles.model
     with roles.use(roles.reference_adapter):  # the LM head too may carry LoRA: keep it inside the scope
-        logits = output_layer(model)(response_hidden(model, input_ids, attention_mask, prompt_width))
+        logits = lm_logits(model, response_hidden(model, input_ids, attention_mask, prompt_width))
     return gather_logprobs(logits, input_ids[:, prompt_width:], temperature)

@@ -11,9 +11,9 @@ from typing import NamedTuple
 import torch
 
 from lora_rl import ppo
-from lora_rl.data import pad
+from lora_rl.data import pad, reward_ids
 from lora_rl.recipe import GenerationConfig
-from lora_rl.reward_model import RewardModel, reward_ids
+from lora_rl.reward_model import RewardModel
 from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, output_layer, reference_logprobs
 
 

@@ -18,10 +18,10 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_rl import load, merge, ppo, rollout, train_ppo, train_reward
-from lora_rl.data import PairCollator, pad, tokenize_pairs
+from lora_rl.data import PairCollator, pad, reward_ids, tokenize_pairs
 from lora_rl.model import build
 from lora_rl.recipe import load_recipe
-from lora_rl.reward_model import RewardModel, reward_ids
+from lora_rl.reward_model import RewardModel
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["the cat is ", "hello how are you doing today "]  # the tiny tokenizer's decode adds no leading space
