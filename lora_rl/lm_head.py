@@ -64,9 +64,14 @@ def unapplied_setting(config) -> str | None:
     return None
 
 
+def output_layer(model: nn.Module) -> nn.Module:
+    """The (peft) model's LM head module, before any processing."""
+    return transformers_model(model).get_output_embeddings()
+
+
 def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """(..., H) inputs of the LM head -> (..., V) logits as the model's own forward returns them."""
-    inner = transformers_model(model)
-    logits = inner.get_output_embeddings()(hidden)
-    process = PROCESSING.get(inner.config.model_type)
-    return process(inner.config, logits) if process else logits
+    config = transformers_model(model).config
+    process = PROCESSING.get(config.model_type)
+    logits = output_layer(model)(hidden)
+    return process(config, logits) if process else logits

@@ -217,10 +217,6 @@ def response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1 : -1]
 
 
-def output_layer(model: nn.Module) -> nn.Module:
-    return transformers_model(model).get_output_embeddings()
-
-
 @torch.no_grad()
 def reference_logprobs(
     roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, temperature: float

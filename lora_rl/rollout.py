@@ -12,9 +12,10 @@ import torch
 
 from lora_rl import ppo
 from lora_rl.data import pad, reward_ids
+from lora_rl.lm_head import output_layer
 from lora_rl.recipe import GenerationConfig
 from lora_rl.reward_model import RewardModel
-from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, output_layer, reference_logprobs
+from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, reference_logprobs
 
 
 class Rollout(NamedTuple):
