@@ -42,7 +42,7 @@ class PairBatch(NamedTuple):
     attention_mask: torch.Tensor  # (N, T), 1 on real tokens; packed: (B, 1, T, T) bool, True where it may attend
     margin: torch.Tensor  # (B,)
     position_ids: torch.Tensor | None = None  # packed: (B, T)
-    read_at: torch.Tensor | None = None  # packed: (2B, 2) (row, position) of each chosen, then rejected, last token
+    read_at: torch.Tensor | None = None  # packed: (2B, 2) (row, position) of each chosen, then rejected, EOS
 
     def model_inputs(self) -> tuple:
         return self.input_ids, self.attention_mask, self.position_ids, self.read_at
@@ -144,22 +144,44 @@ class Tokenized(NamedTuple):
 
 
 def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, drop_long: bool) -> Tokenized:
-    """Tokenize prompt+chosen and prompt+rejected (the prompt is prepended as is, as TRL does)."""
+    """Tokenize prompt+chosen and prompt+rejected (the prompt is prepended as is, as TRL does), each ending in
+    the EOS its reward is read at (reward_ids); a long text keeps its first tokens and the EOS."""
     if not rows:
         return Tokenized([], 0, 0)
     prompts = [row.get("prompt") or "" for row in rows]
-    chosen = tokenizer([p + row["chosen"] for p, row in zip(prompts, rows, strict=True)])["input_ids"]
-    rejected = tokenizer([p + row["rejected"] for p, row in zip(prompts, rows, strict=True)])["input_ids"]
-    empty = [number for number, (c, r) in enumerate(zip(chosen, rejected, strict=True), start=1) if not c or not r]
-    if empty:  # the model cannot read a reward off zero tokens; usually a tokenizer that does not fit the data
+    chosen = reward_ids(tokenizer, [p + row["chosen"] for p, row in zip(prompts, rows, strict=True)])
+    rejected = reward_ids(tokenizer, [p + row["rejected"] for p, row in zip(prompts, rows, strict=True)])
+    empty = [number for number, (c, r) in enumerate(zip(chosen, rejected, strict=True), start=1)
+             if len(c) < 2 or len(r) < 2]  # fmt: skip
+    if empty:  # nothing but the EOS to read a reward off; usually a tokenizer that does not fit the data
         raise DataError([f"rows {_first(empty)}: text tokenizes to zero tokens; check the tokenizer and the data"])
     pairs, truncated = [], 0
     for row, c, r in zip(rows, chosen, rejected, strict=True):
         too_long = len(c) > max_length or len(r) > max_length
         truncated += too_long
         if not (too_long and drop_long):
-            pairs.append(Pair(c[:max_length], r[:max_length], float(row.get("margin") or 0.0)))
+            pairs.append(Pair(_keep_last(c, max_length), _keep_last(r, max_length), float(row.get("margin") or 0.0)))
     return Tokenized(pairs, truncated, truncated if drop_long else 0)
+
+
+def with_eos(sequences: list[list[int]], eos_id: int) -> list[list[int]]:
+    """Each sequence ending in EOS, appended unless it already ends with one: the position the reward is read at.
+
+    A completion cut at max_new_tokens gets one too, so it is read as the same text with EOS would be (TRL reads
+    it at its last token instead, a position the reward model never trained on)."""
+    return [ids if ids and ids[-1] == eos_id else [*ids, eos_id] for ids in sequences]
+
+
+def reward_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The token ids a reward model reads for each text: the tokenizer's ids (special tokens included), then EOS."""
+    if tokenizer.eos_token_id is None:
+        raise DataError(["the tokenizer has no EOS token; a reward is read at an EOS appended to each text"])
+    return with_eos(tokenizer(texts)["input_ids"], tokenizer.eos_token_id)
+
+
+def _keep_last(ids: list[int], max_length: int) -> list[int]:
+    """At most max_length ids, the last one (the EOS the reward is read at) kept."""
+    return ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:]
 
 
 def _first(numbers: list[int], limit: int = 5) -> str:

@@ -18,7 +18,7 @@ from rich.table import Table
 from torch import nn
 
 from lora_rl import display, merge
-from lora_rl.data import DataError
+from lora_rl.data import DataError, pad, reward_ids
 from lora_rl.merge import AdapterSpec
 from lora_rl.model import ModelError, classifier_head_name, load_tokenizer, quiet_transformers
 from lora_rl.recipe import ModelConfig
@@ -185,10 +185,11 @@ def completions(model: nn.Module, tokenizer, texts: list[str], names: list[str],
 
 @torch.no_grad()
 def rewards(model: nn.Module, tokenizer, texts: list[str], name: str, head: str) -> list[float]:
-    """Reward adapter `name`'s reward for each text, read at its last real token as training reads it."""
+    """Reward adapter `name`'s reward for each text, read at an EOS after it as training reads it."""
     model.set_adapter(name)  # switches the LoRA layers and the saved score head together
-    batch = tokenizer(texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
-    return RewardModel(model, head)(batch.input_ids, batch.attention_mask).tolist()
+    device = next(model.parameters()).device
+    ids, mask = pad(reward_ids(tokenizer, texts), tokenizer.pad_token_id, tokenizer.padding_side)
+    return RewardModel(model, head)(ids.to(device), mask.to(device)).tolist()
 
 
 def print_table(base: Path, texts: list[str], columns: dict[str, list], score: bool, max_new_tokens: int) -> None:

@@ -63,7 +63,7 @@ def run(adapter_dir: Path, out_dir: Path, *, base: str | Path | None = None, dty
     refuse_other_base(spec, config)
     plan = streaming_merge.plan_merge(spec.base, config, spec.task, spec.header, spec.config)
     tokenizer, tokenizer_source = output_tokenizer(spec)
-    pad_token_id = tokenizer.pad_token_id if tokenizer else default_pad_token_id(config)
+    pad_token_id = classifier_pad_id(tokenizer, spec.task) if tokenizer else default_pad_token_id(config)
     out_dtype = getattr(torch, dtype) if dtype else plan.base_dtype
     budget = memory_budget()
     stream, fits = choose_mode(streaming, plan.float32_bytes, budget)
@@ -172,6 +172,17 @@ def default_pad_token_id(config) -> int | None:
     """Without a tokenizer: the config's pad token, else EOS, as load_tokenizer would make it."""
     eos = [i for i in eos_ids(config) if i is not None]
     return config.pad_token_id if config.pad_token_id is not None else next(iter(eos), None)
+
+
+def classifier_pad_id(tokenizer, task: str) -> int | None:
+    """The merged reward model's pad_token_id. transformers reads a classifier's reward at the last token that is
+    not the pad; with the EOS as pad that is the token before the EOS the reward is read at. None then: plain
+    transformers reads an unpadded text + EOS at its EOS, and refuses a padded batch rather than misread it."""
+    if task != "reward" or tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer.pad_token_id
+    note = "the tokenizer pads with its EOS: the merged reward model has no pad_token_id, so plain transformers"
+    display.print_warnings([f"{note} scores one text + EOS at a time (or give it a pad token of its own)"])
+    return None
 
 
 def memory_budget() -> int | None:
@@ -308,9 +319,10 @@ def eos_ids(config) -> list[int | None]:
 
 @torch.no_grad()
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """(N, T, V) LM logits, or (N, num_labels) rewards, in float32."""
+    """(N, T, V) LM logits, or (N, num_labels) rewards, in float32; a row at a time, as a classifier without
+    pad_token_id (classifier_pad_id) takes them."""
     model.eval()
-    return model(input_ids=ids).logits.float()
+    return torch.cat([model(input_ids=row[None]).logits.float() for row in ids])
 
 
 def load_merged(directory: Path, task: str) -> nn.Module:

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lora_rl import checkpoint, tiny
+from lora_rl import checkpoint, lm_head, tiny
 from lora_rl.recipe import DEFAULT_TARGET_MODULES, ModelConfig, Recipe, one_line
 
 Head = Literal["causal-lm", "reward"]
@@ -59,6 +59,8 @@ def build(recipe: Recipe, head: Head) -> Built:
     cfg = recipe.actor.model
     path = resolve_path(cfg)
     tokenizer = load_tokenizer(path, cfg)
+    if head == "causal-lm":
+        refuse_logit_processing(path, cfg)
     model = load_base(path, cfg, head, tokenizer)
     report = ModelReport(base_path=path, head=head, is_lora=cfg.is_lora)
     if head == "reward":
@@ -165,6 +167,16 @@ def load_base(path: Path, cfg: ModelConfig, head: Head, tokenizer) -> nn.Module:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def refuse_logit_processing(path: Path, cfg: ModelConfig) -> None:
+    """A causal LM whose forward changes its LM head's output in a way lora-rl's log-probs would not
+    (lm_head.lm_logits) is refused before its weights load."""
+    from transformers import AutoConfig
+
+    problem = lm_head.unapplied_setting(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code))
+    if problem:
+        raise ModelError(f"actor.model.path: {problem}")
 
 
 @contextmanager

@@ -1,5 +1,8 @@
 """A scalar reward read at each sequence's last real token, and the Bradley-Terry pairwise loss.
 
+One convention everywhere a reward is read (TRL's): the reward model reads a text at an EOS that follows it.
+`data.reward_ids` makes that input from text, `data.with_eos` from token ids; train-reward, `load --score`, the
+reward adapter and a separate reward model in PPO all go through them, so one text gets one reward.
 `RewardModel` wraps a sequence classifier (plain or peft-wrapped): backbone -> hidden state at the last
 token where attention_mask is 1 -> score head. Reading the position from the attention mask (not from
 `input_ids != pad_token_id`, as transformers does) stays right when the pad token equals a real token

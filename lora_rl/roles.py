@@ -31,6 +31,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora_rl import checkpoint
+from lora_rl.data import pad, with_eos
+from lora_rl.lm_head import lm_logits
 from lora_rl.model import ModelError, base_contradictions
 from lora_rl.ppo import entropy_from_logits, gather_logprobs
 from lora_rl.recipe import one_line
@@ -203,10 +205,13 @@ def search_path(directories: list[Path]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def adapter_rewards(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) scores from the reward adapter: its hidden state at each row's last real token -> score head."""
+def adapter_rewards(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B,) scores from the reward adapter: its hidden state at an EOS after each row's real tokens (the sampled
+    one, or one appended to a completion cut without it) -> score head."""
+    rows = [row[real.bool()].tolist() for row, real in zip(input_ids, attention_mask, strict=True)]  # B syncs: small
+    ids, mask = (t.to(input_ids.device) for t in pad(with_eos(rows, eos_id), eos_id, "right"))
     with roles.use(REWARD):
-        last = at_last_token(hidden_states(roles.model, input_ids, attention_mask), attention_mask)
+        last = at_last_token(hidden_states(roles.model, ids, mask), mask)
     return roles.reward_head(last.to(roles.reward_head.weight.dtype)).squeeze(-1).float()
 
 
@@ -244,7 +249,7 @@ class ActorCritic(nn.Module):
                     prompt_width: int) -> ActorCriticOutput:  # fmt: skip
         """Log-probs, entropy and values from the policy's (B, R, H) hidden states before each response token."""
         with self.roles.use(POLICY):  # the LM head too may carry LoRA
-            logits = output_layer(self.roles.model)(policy_hidden)  # (B, R, V): the LM head only where needed
+            logits = lm_logits(self.roles.model, policy_hidden)  # (B, R, V): the LM head only where needed
         logprobs = gather_logprobs(logits, input_ids[:, prompt_width:], self.temperature)
         with torch.no_grad():
             entropy = entropy_from_logits(logits, self.temperature)
@@ -263,10 +268,6 @@ def response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1 : -1]
 
 
-def output_layer(model: nn.Module) -> nn.Module:
-    return transformers_model(model).get_output_embeddings()
-
-
 @torch.no_grad()
 def reference_logprobs(
     roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, temperature: float
@@ -275,5 +276,5 @@ def reference_logprobs(
     with full fine-tuning, the frozen copy of the base)."""
     model = roles.reference_model or roles.model
     with roles.use(roles.reference_adapter):  # the LM head too may carry LoRA: keep it inside the scope
-        logits = output_layer(model)(response_hidden(model, input_ids, attention_mask, prompt_width))
+        logits = lm_logits(model, response_hidden(model, input_ids, attention_mask, prompt_width))
     return gather_logprobs(logits, input_ids[:, prompt_width:], temperature)

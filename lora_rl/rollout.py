@@ -11,11 +11,12 @@ from typing import NamedTuple
 import torch
 
 from lora_rl import ppo
-from lora_rl.data import pad
+from lora_rl.data import pad, reward_ids
+from lora_rl.lm_head import output_layer
 from lora_rl.recipe import GenerationConfig
 from lora_rl.reward_model import RewardModel
 from lora_rl.rewards import FunctionRewards, StepState, score_functions
-from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, output_layer, reference_logprobs
+from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, reference_logprobs
 
 
 class Rollout(NamedTuple):
@@ -96,7 +97,7 @@ def score(roles: Roles, tokenizer, rows: list[dict], responses: torch.Tensor, ma
     """(B,) float32 scores from whichever reward the recipe names, which rows were judged, and each reward
     function's own rewards."""
     if roles.reward_head is not None:
-        return _every_row(adapter_rewards(roles, input_ids, attention_mask))
+        return _every_row(adapter_rewards(roles, input_ids, attention_mask, tokenizer.eos_token_id))
     completions = decode(tokenizer, responses, mask)
     if roles.reward_terms:
         ids = [row[m.bool()].tolist() for row, m in zip(responses, mask, strict=True)]
@@ -117,7 +118,8 @@ def decode(tokenizer, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def model_rewards(model: RewardModel, tokenizer, prompts: list[str], completions: list[str], device) -> torch.Tensor:
-    """Scores from a separate reward model, which may tokenize differently: texts are re-tokenized for it."""
-    ids = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])["input_ids"]
+    """Scores from a separate reward model, which may tokenize differently: texts are re-tokenized for it (and
+    read at an EOS after them, as train-reward reads them)."""
+    ids = reward_ids(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
     input_ids, attention_mask = pad(ids, tokenizer.pad_token_id, "right")
     return model(input_ids.to(device), attention_mask.to(device))

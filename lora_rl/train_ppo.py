@@ -361,7 +361,7 @@ def load_critic(roles: Roles, directory: Path) -> None:
 
 
 def load_reward_model(recipe: Recipe):
-    """A separate sequence classifier, frozen; read at the last real token like train-reward's."""
+    """A separate sequence classifier, frozen; read at an EOS after each text, as train-reward reads it."""
     cfg = dataclasses.replace(recipe.actor.model, path=recipe.reward.model)
     path = resolve_path(cfg)
     tokenizer = load_tokenizer(path, cfg)

@@ -94,11 +94,13 @@ def test_tokenize_counts_truncates_or_drops_long_pairs(llama_dir):
         {"prompt": "the cat ", "chosen": "is good", "rejected": "is very very bad"},
         {"chosen": "a", "rejected": "b"},
     ]
-    kept = tokenize_pairs(rows, tokenizer, max_length=5, drop_long=False)
-    # <bos> the cat is very very bad = 7 tokens > 5; <bos> the cat is good = 5
+    kept = tokenize_pairs(rows, tokenizer, max_length=6, drop_long=False)
+    # <bos> the cat is very very bad <eos> = 8 tokens > 6; <bos> the cat is good <eos> = 6
     assert kept.truncated == 1 and kept.dropped == 0 and len(kept.pairs) == 2
-    assert len(kept.pairs[0].rejected) == 5 and kept.pairs[0].chosen == tokenizer("the cat is good")["input_ids"]
-    dropped = tokenize_pairs(rows, tokenizer, max_length=5, drop_long=True)
+    eos = tokenizer.eos_token_id
+    assert kept.pairs[0].chosen == tokenizer("the cat is good")["input_ids"] + [eos]
+    assert kept.pairs[0].rejected == tokenizer("the cat is very")["input_ids"] + [eos]  # truncated, EOS kept
+    dropped = tokenize_pairs(rows, tokenizer, max_length=6, drop_long=True)
     assert dropped.truncated == dropped.dropped == 1 and len(dropped.pairs) == 1
 
 
@@ -144,6 +146,8 @@ def test_shared_prefix_leaves_each_text_its_last_token():
 
 def test_text_that_tokenizes_to_nothing_is_an_error():
     class EmptyTokenizer:
+        eos_token_id = 2
+
         def __call__(self, texts):
             return {"input_ids": [[] if "zzz" in t else [1] for t in texts]}
 

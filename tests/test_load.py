@@ -85,8 +85,9 @@ def test_rewards_of_each_reward_adapter(adapters):
         base = quiet(AutoModelForSequenceClassification.from_pretrained, tiny.materialize("tiny-llama"),
                      num_labels=1, pad_token_id=0)  # fmt: skip
         alone = quiet(PeftModel.from_pretrained, base, adapters[name])
-        with torch.no_grad():  # one text at a time: no padding involved in the reference
-            expected = [alone(**tokenizer(text, return_tensors="pt")).logits.item() for text in PROMPTS]
+        with torch.no_grad():  # one text + EOS at a time (the reward is read at the EOS): no padding involved
+            expected = [alone(**tokenizer(text + tokenizer.eos_token, return_tensors="pt")).logits.item()
+                        for text in PROMPTS]  # fmt: skip
         assert columns[name] == pytest.approx(expected, abs=1e-5), name
     assert columns["r1"] != pytest.approx(columns["r2"], abs=1e-3)
 

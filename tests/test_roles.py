@@ -111,13 +111,14 @@ def test_only_policy_critic_and_heads_train(write_recipe, reward_adapter, tmp_pa
 
 def test_reward_adapter_scores_equal_its_sequence_classifier(write_recipe, reward_adapter, llama_dir):
     _, roles = roles_for(ppo_recipe(write_recipe, reward={"function": None, "adapter": str(reward_adapter)}))
-    ids, mask = pad([[2, 20, 21, 22], [2, 30], [2, 40, 41]], pad_id=0, side="right")
+    ids, mask = pad([[2, 20, 21, 22, 3], [2, 30], [2, 40, 41]], pad_id=0, side="right")  # a sampled EOS, or none
     classifier = PeftModel.from_pretrained(
         AutoModelForSequenceClassification.from_pretrained(llama_dir, num_labels=1, pad_token_id=0), reward_adapter
     )
-    with torch.no_grad():
-        expected = classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-        assert torch.allclose(adapter_rewards(roles, ids, mask), expected, atol=1e-5)
+    with torch.no_grad():  # the reward is read at an EOS: the sampled one, else one appended
+        with_eos, eos_mask = pad([[2, 20, 21, 22, 3], [2, 30, 3], [2, 40, 41, 3]], pad_id=0, side="right")
+        expected = classifier(input_ids=with_eos, attention_mask=eos_mask).logits.squeeze(-1)
+        assert torch.allclose(adapter_rewards(roles, ids, mask, eos_id=3), expected, atol=1e-5)
 
 
 def test_reward_adapter_for_a_causal_lm_is_refused(write_recipe, tmp_path):
