@@ -19,7 +19,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from lora_rl import checkpoint, display, ppo, train_state
+from lora_rl import checkpoint, display, ppo, run_lock, train_state
 from lora_rl.data import load_prompts, pad, tokenize_prompts
 from lora_rl.model import (
     Built,
@@ -50,6 +50,7 @@ class BadUpdate(Exception):
     """A non-finite value at an update: nothing from this update is applied or saved."""
 
 
+@run_lock.releases_lock
 def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False) -> Path:
     """Run the PPO recipe; returns the final policy adapter directory.
 
@@ -62,12 +63,14 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     check_recipe(recipe)
     prompts = load_prompts(recipe.data.train_path)
     reward_function = import_reward(recipe)
+    if finished := train_state.finished_run(recipe, resume):
+        return finished
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     materialize_builtins(recipe)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)  # accumulation is handled below
     check_launch(accelerator, recipe, len(prompts))
     main = accelerator.is_main_process
-    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir)
+    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir, resume)
 
     # 2. One base, every role (the policy, value head and critic from the checkpoint when resuming).
     set_seed(recipe.seed)
