@@ -197,7 +197,9 @@ def _verify_checkpoint(directory: Path) -> None:
 
 def finished_run(recipe: Recipe, resume: str | None) -> Path | None:
     """With `--resume auto` (or train.resume: auto): the final/ directory of a run that already finished, else
-    None. A finished run is left as it is: nothing to trim, re-run or overwrite."""
+    None. A finished run is left as it is: nothing to trim, re-run or overwrite. Finished means final/ is intact
+    and was made with the recipe's seed, batch sizes and schedule: with more updates or epochs, or other
+    settings, there is more to do (or a change to refuse), as for any checkpoint."""
     out = Path(recipe.output_dir)
     if (resume or recipe.train.resume) != "auto" or not checkpoint.has_own_manifest(out / "final"):
         return None
@@ -206,6 +208,8 @@ def finished_run(recipe: Recipe, resume: str | None) -> Path | None:
         manifest = checkpoint.verify(out / "final")
     except checkpoint.CheckpointError as err:
         display.print_warnings([f"{out / 'final'} is damaged ({err}); resuming the run"])
+        return None
+    if changed_settings(out / "final", recipe):
         return None
     if os.environ.get("RANK", "0") == "0":  # before accelerate starts: one line, not one per process
         display.console.print(f"{out} holds a finished run ({out / 'final'}, step {manifest['step']}); nothing to do",
@@ -246,13 +250,18 @@ def check_mixed_precision(precision: str) -> None:
 
 def check_compatible(directory: Path, recipe: Recipe, allow_changes: bool) -> None:
     """Refuse to resume a run whose seed, batch sizes or schedule changed, unless the user says so."""
-    saved = load_recipe(directory / "recipe.yaml").to_dict()
-    ours = recipe.to_dict()
-    changed = [f"{key}: {_get(saved, key)!r} -> {_get(ours, key)!r}" for key in PINNED_KEYS
-               if _get(saved, key) != _get(ours, key)]  # fmt: skip
+    changed = changed_settings(directory, recipe)
     if changed and not allow_changes:
         raise RecipeError([f"resume: {directory} was made with other settings ({'; '.join(changed)}); "
                            "the resumed run would not continue it. Pass --allow-changes to resume anyway"])  # fmt: skip
+
+
+def changed_settings(directory: Path, recipe: Recipe) -> list[str]:
+    """The pinned keys (seed, batch sizes, schedule) whose values differ between `directory`'s recipe and `recipe`."""
+    saved = load_recipe(directory / "recipe.yaml").to_dict()
+    ours = recipe.to_dict()
+    return [f"{key}: {_get(saved, key)!r} -> {_get(ours, key)!r}" for key in PINNED_KEYS
+            if _get(saved, key) != _get(ours, key)]  # fmt: skip
 
 
 def _get(tree: dict, dotted: str) -> Any:
