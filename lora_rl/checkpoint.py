@@ -4,6 +4,10 @@ A checkpoint directory is complete only if its `manifest.json` (written last) li
 sha256; `verify` checks that, so a truncated or altered file is reported by name instead of loading
 silently. Weights are safetensors only: pickle-based `.bin`/`.pt` weights are refused unless the user
 opts in (`actor.model.allow_pickle_weights`), since unpickling runs arbitrary code.
+
+lora-rl removes or replaces only what it can prove it wrote: a directory holding its manifest (or, while a save
+is unfinished, its mark), and the run files its run record (`.lora-rl-run.json`) lists. While a run writes to
+its output directory, the directory is locked (run_lock).
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # The safetensors weights peft (adapters) and transformers (models, use_safetensors) read.
 SAFE_WEIGHTS = (ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
+PARTIAL = ".lora-rl-partial"  # in a temporary checkpoint directory from its creation until its manifest is written
+RUN_RECORD = ".lora-rl-run.json"  # the run files lora-rl wrote in an output directory
+RUN_FILES = ("recipe.yaml", "metrics.jsonl")
 
 
 class CheckpointError(Exception):
@@ -40,17 +49,34 @@ def write_atomically(final: Path, write: Callable[[Path], None], step: int, extr
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        (tmp / PARTIAL).touch()  # first: a kill at any later moment leaves a directory provably lora-rl's
         write(tmp)
+        _honour_umask(tmp)
         _write_manifest(tmp, step, extra or {})
+        (tmp / PARTIAL).unlink()  # the manifest marks it from now on
         _replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
+def umask() -> int:
+    mask = os.umask(0o077)  # the only way to read it is to set it: set it back at once
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(directory: Path) -> None:
+    """Give everything under `directory` the mode the umask gives new files: mkdtemp makes directories 0700
+    and safetensors writes files 0600, which teammates on a shared cluster could not read."""
+    mask = umask()
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _write_manifest(directory: Path, step: int, extra: dict) -> None:
     files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / PARTIAL):
         _fsync(path)  # data on disk before the manifest vouches for it
         files[path.relative_to(directory).as_posix()] = sha256(path)
     manifest = {"format": FORMAT, "step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -60,15 +86,34 @@ def _write_manifest(directory: Path, step: int, extra: dict) -> None:
 
 
 def _replace_dir(new: Path, final: Path) -> None:
-    """Move `new` to `final`; an existing `final` is moved aside first and deleted only afterwards."""
+    """Move `new` to `final`; an existing `final` (lora-rl's own, or empty) is moved aside first and deleted only
+    afterwards."""
     old = None
-    if final.exists():
+    if final.exists() or final.is_symlink():
+        refuse_foreign([final], allow_empty=True)
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
     os.replace(new, final)
     _fsync(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file_atomically(path: Path, text: str) -> None:
+    """Replace the file `path` by one holding `text`: a kill at any moment leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync(path.parent)
 
 
 def _fsync(path: Path) -> None:
@@ -107,6 +152,31 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: corrupt manifest ({err.msg})") from None
+
+
+def has_own_manifest(path: Path) -> bool:
+    """Whether lora-rl wrote the directory `path`: its manifest is there. Never a symlink (lora-rl makes none, and
+    what a link points to is not ours to replace)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        manifest = read_manifest(path)
+    except (CheckpointError, ValueError):  # not JSON, not UTF-8: not a manifest lora-rl wrote
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def refuse_foreign(paths: list[Path], recorded: set[str] = frozenset(), allow_empty: bool = False) -> None:
+    """Raise naming the first of `paths` lora-rl cannot prove it wrote: a directory without its manifest, a file
+    not in the run record (`recorded`), anything behind a symlink."""
+    for path in paths:
+        ours = path.name in recorded and path.is_file() and not path.is_symlink()
+        empty = allow_empty and path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+        if not (ours or empty or has_own_manifest(path)):
+            raise CheckpointError(
+                f"{path}: not written by lora-rl (no manifest.json or run record of its own), "
+                "and lora-rl replaces only what it wrote: move it away or use another directory"
+            )
 
 
 def verify(directory: Path) -> dict[str, Any] | None:
@@ -227,37 +297,72 @@ def submodule_state(state: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def start_run_dir(output_dir: str | Path, recipe, overwrite: bool, resuming: bool = False) -> Path:
-    """Create the run's output directory and save the resolved recipe in it.
+def start_run_dir(output_dir: str | Path, recipe, overwrite: bool, resuming: bool = False,
+                  restart: bool = False) -> Path:  # fmt: skip
+    """Lock the run's output directory (creating it), check what is in it, and save the resolved recipe there.
 
-    A directory that already holds a run (metrics.jsonl) is refused unless `overwrite`, which clears
-    that run's metrics and checkpoints first, or the run is being resumed: a new run never appends to an
-    old one's metrics silently.
+    What the run writes (recipe.yaml, metrics.jsonl, checkpoint-N/, final/) must be absent or lora-rl's, else
+    nothing is touched and the error names it. A previous run there is refused unless the run is resumed, or
+    `overwrite` (or `restart`: `--resume auto` found no checkpoint to continue) deletes it first.
     """
+    from lora_rl.run_lock import release_lock, take_lock
+
     out = Path(output_dir)
-    if (out / "metrics.jsonl").exists() and not resuming:
-        if not overwrite:
-            raise CheckpointError(
-                f"output_dir: {out} already holds a run (metrics.jsonl); choose another output_dir, "
-                "or pass --overwrite to replace it"
-            )
-        (out / "metrics.jsonl").unlink()
-        for old in [*out.glob("checkpoint-*"), out / "final"]:
-            shutil.rmtree(old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_saves(out)
-    recipe.save(out / "recipe.yaml")
+    take_lock(out)
+    try:
+        recover_interrupted_saves(out)
+        recorded = read_run_record(out)
+        entries = [out / name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+        entries += [p for p in out.iterdir() if re.fullmatch(r"checkpoint-\d+|final", p.name)]
+        refuse_foreign(entries, recorded)
+        previous = [p for p in entries if p.name != "recipe.yaml"]
+        if previous and not resuming:
+            _clear_previous_run(out, previous, overwrite, restart)
+        write_file_atomically(out / RUN_RECORD, json.dumps({"files": sorted({*recorded, *RUN_FILES})}) + "\n")
+        recipe.save(out / "recipe.yaml")
+    except BaseException:
+        release_lock(out)
+        raise
     return out
+
+
+def _clear_previous_run(out: Path, previous: list[Path], overwrite: bool, restart: bool) -> None:
+    names = ", ".join(sorted(p.name for p in previous))
+    if not (overwrite or restart):
+        raise CheckpointError(f"output_dir: {out} already holds a run ({names}); choose another output_dir, "
+                              "or pass --overwrite to replace it")  # fmt: skip
+    if restart:
+        from lora_rl import display  # not at the top: display imports the model code
+
+        display.print_warnings([f"resume auto: {out} holds no checkpoint; starting fresh (deleting {names})"])
+    for path in previous:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def read_run_record(directory: Path) -> set[str]:
+    """The run files lora-rl recorded writing in `directory` (none when there is no readable record)."""
+    try:
+        return set(json.loads((Path(directory) / RUN_RECORD).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
 
 
 def recover_interrupted_saves(directory: Path) -> None:
     """Clean up after a save that was killed: its temporary directory goes; a checkpoint moved aside to be
-    replaced (`.NAME.old-PID`) is put back when its replacement never arrived, else deleted."""
+    replaced (`.NAME.old-PID`) is put back when its replacement never arrived, else deleted. Entries with
+    such names that lora-rl did not mark as its own are left alone."""
     for tmp in directory.glob(".*.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if has_own_manifest(tmp) or (not tmp.is_symlink() and (tmp / PARTIAL).is_file()):
+            shutil.rmtree(tmp, ignore_errors=True)
     for old in directory.glob(".*.old-*"):
+        if not has_own_manifest(old):
+            continue
         name = old.name[1:].rsplit(".old-", 1)[0]
-        if (directory / name).exists():
+        if (directory / name).exists() or (directory / name).is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, directory / name)

@@ -128,14 +128,23 @@ def resolve_base(name: str | Path | None, where: str) -> Path:
 
 
 def check_out_dir(out: Path, force: bool, inputs: list[Path]) -> None:
-    """OUT_DIR must not hold an input, and must be empty unless --force."""
+    """OUT_DIR must not hold an input, and must be empty, or with --force a lora-rl output (its manifest): what
+    lora-rl did not write is never deleted."""
     for path in inputs:
         if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
             raise CheckpointError(f"OUT_DIR {out} holds the input {path}; choose another directory")
+    if out.is_symlink():
+        raise CheckpointError(f"OUT_DIR {out} is a symbolic link; name the directory it points to")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"OUT_DIR {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
         raise CheckpointError(f"OUT_DIR {out} is not empty; pass --force to replace it")
+    if not checkpoint.has_own_manifest(out):
+        held = streaming_merge.first_few(sorted(p.name for p in out.iterdir()))
+        raise CheckpointError(f"OUT_DIR {out} is not a lora-rl output (no manifest.json of its own): --force replaces "
+                              f"only those and empty directories; it would delete {held}")  # fmt: skip
 
 
 def refuse_working_dir(out: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from lora_rl import checkpoint, display, ppo, train_state
+from lora_rl import checkpoint, display, ppo, run_lock, train_state
 from lora_rl.data import pad, tokenize_prompts
 from lora_rl.model import (
     Built,
@@ -61,6 +61,7 @@ from lora_rl.rollout import Rollout, collect
 from lora_rl.train_state import BadUpdate, Interrupt, Interrupted, on_any_process
 
 
+@run_lock.releases_lock
 def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False,
         command: str = "ppo", recipe_dir: Path | None = None) -> Path:  # fmt: skip
     """Run the `ppo` or `grpo` recipe; returns the final policy adapter directory.
@@ -74,12 +75,14 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     # 1. Everything that can be wrong with the input, before any model loads.
     rows, terms = check_inputs(recipe, recipe_dir, command)
     schedule = schedule_of(recipe, command)
+    if finished := train_state.finished_run(recipe, resume):
+        return finished
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     materialize_builtins(recipe)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)  # accumulation is handled below
     check_launch(accelerator, recipe, schedule, len(rows))
     main = accelerator.is_main_process
-    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir)
+    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir, resume)
 
     # 2. One base, every role (the policy, value head and critic from the checkpoint when resuming).
     set_seed(recipe.seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lora_rl import checkpoint, display, train_state
+from lora_rl import checkpoint, display, run_lock, train_state
 from lora_rl.data import DataError, EpochSampler, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
 from lora_rl.model import Built, base_fingerprint, build, check_model_files, materialize_builtins
 from lora_rl.recipe import Recipe, RecipeError
@@ -22,6 +22,7 @@ from lora_rl.reward_model import PACKABLE_ATTENTION, RewardModel, bradley_terry,
 from lora_rl.train_state import Interrupt, Interrupted
 
 
+@run_lock.releases_lock
 def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False) -> Path:
     """Train the reward model the recipe describes; returns the final checkpoint directory.
 
@@ -32,6 +33,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
 
     # 1. Everything that can be wrong with the input is found before any model loads.
     train_rows, eval_rows = check_inputs(recipe)
+    if finished := train_state.finished_run(recipe, resume):
+        return finished
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     materialize_builtins(recipe)
     accelerator = Accelerator(
@@ -41,7 +44,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     if problems := train_state.launch_problems(accelerator):
         raise RecipeError(problems)
     main = accelerator.is_main_process
-    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir)
+    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir, resume)
 
     # 2. Model (from the checkpoint when resuming), data, optimizer.
     set_seed(recipe.seed)

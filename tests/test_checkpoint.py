@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -92,11 +93,13 @@ def test_pickle_weights_refused_unless_opted_in(tmp_path):
 def test_restart_recovers_from_a_killed_save(tmp_path):
     from lora_rl.checkpoint import recover_interrupted_saves
 
-    (tmp_path / ".checkpoint-4.tmp-abc").mkdir()  # a save killed before its rename
-    (tmp_path / ".final.old-123").mkdir()  # killed between moving final aside and renaming the new one in
-    (tmp_path / ".final.old-123" / "w.safetensors").write_bytes(b"previous")
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / ".checkpoint-2.old-9").mkdir()  # replaced successfully, only the deletion was missed
+    write_atomically(tmp_path / "final", write_files({"w.safetensors": b"previous"}), step=1)
+    os.replace(tmp_path / "final", tmp_path / ".final.old-123")  # killed between moving final aside and the rename
+    write_atomically(tmp_path / "checkpoint-2", write_files({"w.safetensors": b"new"}), step=2)
+    write_atomically(tmp_path / "spare", write_files({"w.safetensors": b"old"}), step=1)
+    os.replace(tmp_path / "spare", tmp_path / ".checkpoint-2.old-9")  # replaced, only the deletion was missed
+    (tmp_path / ".checkpoint-4.tmp-abc").mkdir()  # a save killed before its rename: its mark is written first
+    (tmp_path / ".checkpoint-4.tmp-abc" / checkpoint.PARTIAL).touch()
     recover_interrupted_saves(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "final"]
     assert (tmp_path / "final" / "w.safetensors").read_bytes() == b"previous"
@@ -107,3 +110,14 @@ def test_other_safetensors_files_do_not_make_pickle_weights_safe(tmp_path):
     (tmp_path / "optimizer.safetensors").write_bytes(b"")  # every lora-rl checkpoint holds one
     with pytest.raises(CheckpointError, match=r"the weights are pickle \(adapter_model.bin\)"):
         checkpoint.refuse_pickle(tmp_path, allow_pickle=False)
+
+
+def test_recovery_leaves_what_lora_rl_did_not_write(tmp_path):
+    from lora_rl.checkpoint import recover_interrupted_saves
+
+    for name in (".checkpoint-4.tmp-abc", ".final.old-123", ".x.old-1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("the user's")
+    recover_interrupted_saves(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint-4.tmp-abc", ".final.old-123", ".x.old-1"]
+    assert all((tmp_path / p / "notes.txt").is_file() for p in (".checkpoint-4.tmp-abc", ".final.old-123"))

@@ -62,6 +62,7 @@ def test_ppo_demo_runs_on_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["update"] for m in metrics(out)] == [1, 2, 3, 4]
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / ".lora-rl.lock").exists()  # taken by the main process, released before its os._exit
     rng = load_file(out / "checkpoint-2" / "rng.safetensors")
     assert not torch.equal(rng["torch.0"], rng["torch.1"])  # each process samples its own stream
 

@@ -467,10 +467,28 @@ def test_non_empty_out_dir_needs_force(tmp_path, llama_adapter):
     assert result.exit_code == 2
     assert result.stderr == f"error: OUT_DIR {out} is not empty; pass --force to replace it\n"
     assert (out / "old.txt").read_text() == "keep me"
-    result = runner.invoke(app, ["merge", str(llama_adapter), str(out), "--force", "--no-check"])
-    assert result.exit_code == 0, result.output
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
-    assert "check:" not in result.stdout
+    args = ["merge", str(llama_adapter), str(out), "--force", "--no-check"]
+    result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 2  # --force replaces only lora-rl's outputs and empty directories
+    assert result.stderr == (f"error: OUT_DIR {out} is not a lora-rl output (no manifest.json of its own): --force "
+                             "replaces only those and empty directories; it would delete old.txt\n")  # fmt: skip
+    assert (out / "old.txt").read_text() == "keep me"
+    (out / "old.txt").unlink()
+    for _ in range(2):  # into the empty directory, then over lora-rl's own output
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert checkpoint.verify(out)["merged_from"]["adapter"] == str(llama_adapter)
+        assert "check:" not in result.stdout
+
+
+def test_symlinked_out_dir_is_refused(tmp_path, llama_adapter):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    args = ["merge", str(llama_adapter), str(tmp_path / "link"), "--force"]
+    result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: OUT_DIR {tmp_path / 'link'} is a symbolic link")
+    assert list((tmp_path / "target").iterdir()) == [] and (tmp_path / "link").is_symlink()
 
 
 def test_missing_shard_is_reported(tmp_path, sharded_llama):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from lora_rl import train_reward
 from lora_rl.checkpoint import verify
 from lora_rl.recipe import RecipeError, load_recipe
+from lora_rl.run_lock import LOCK
 from lora_rl.train_state import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +98,7 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_to_the_same_result(write_re
     step = int(saved.name.split("-")[1])
     assert f"interrupted at step {step}; saved {saved}; continue with --resume {saved}" in " ".join(stderr.split())
     assert verify(saved)["step"] == step and not (Path(recipe.output_dir) / "final").exists()
+    assert not (Path(recipe.output_dir) / LOCK).exists()  # released on Ctrl-C
 
     resumed = train_reward.run(recipe, resume=str(saved))
     uninterrupted = train_reward.run(load_recipe(path, [f"output_dir={tmp_path / 'straight'}"]))
