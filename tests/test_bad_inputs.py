@@ -190,3 +190,32 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, adapter
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: ") and expected.format(t=tmp_path) in result.stderr, result.stderr
     assert not (tmp_path / "out").exists() and sorted(p.name for p in Path.cwd().iterdir()) == before
+
+
+# Failures during training (the user's reward function misbehaving): exit 1, one line naming the function and
+# what it returned, nothing saved. case -> (reward module source, text the one error line must hold)
+REWARD_FAILURES = {
+    "raises": ("def score(prompts, completions):\n    raise KeyError('label')\n",
+               "reward function failing:score raised KeyError: 'label'"),
+    "returns the wrong length": ("def score(prompts, completions):\n    return [1.0]\n",
+                                 "reward function failing:score: returned 1 rewards for 4 completions"),
+    "returns strings": ("def score(prompts, completions):\n    return ['good'] * len(completions)\n",
+                        "reward function failing:score: completion 1 of 4: expected a finite number or None, got "
+                        "'good'"),
+    "returns None (ppo needs every score)": ("def score(prompts, completions):\n    return [None] * len(completions)\n",
+                                             "the reward function returned None for 4 of 4 completions; ppo needs"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REWARD_FAILURES)
+def test_reward_function_failing_mid_run_is_one_line_exit_1(case, tmp_path):
+    source, expected = REWARD_FAILURES[case]
+    module = f"failing_{list(REWARD_FAILURES).index(case)}"  # a module name per case: imports are cached
+    expected = expected.replace("failing:", f"{module}:")
+    args = ["ppo", ppo_recipe(tmp_path), beside_recipe(tmp_path, module, source)]
+    result = runner.invoke(app, [str(arg) for arg in args], env={"COLUMNS": "400"})
+    assert "Traceback" not in result.output
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert not (tmp_path / "out" / "final").exists() and not (tmp_path / "out" / "metrics.jsonl").exists()
