@@ -139,7 +139,7 @@ def validate(
     Runs every check the command (--for) makes before it loads a model: data, model and adapter files, and for
     ppo the reward source (reward.function is imported).
     """
-    from lora_rl import train_ppo
+    from lora_rl import rl_setup
     from lora_rl import train_reward as reward_command
     from lora_rl.model import build
 
@@ -149,7 +149,7 @@ def validate(
         if purpose is Purpose.train_reward:
             reward_command.check_inputs(resolved)
         else:
-            train_ppo.check_inputs(resolved, recipe.parent, purpose.value)
+            rl_setup.check_inputs(resolved, recipe.parent, purpose.value)
         built = build(resolved, "reward" if purpose is Purpose.train_reward else "causal-lm")
         display.print_model_report(built.report)
 

@@ -97,9 +97,12 @@ def resolve_path(cfg: ModelConfig) -> Path:
     return tiny.materialize(cfg.path) if cfg.path in tiny.TINY_MODELS else Path(cfg.path)
 
 
-def check_model_files(recipe: Recipe) -> None:
-    """The files `build` reads, checked before anything loads: the base, and the adapter to continue (lora_path)."""
+def check_model_files(recipe: Recipe, causal_lm: bool = False) -> None:
+    """The files `build` reads, checked before anything loads: the base (for a causal LM, first its logit
+    processing: refuse_logit_processing), and the adapter to continue (lora_path)."""
     cfg = recipe.actor.model
+    if causal_lm and cfg.path not in tiny.TINY_MODELS and (Path(cfg.path) / "config.json").is_file():
+        refuse_logit_processing(Path(cfg.path), cfg)
     check_model_dir(cfg.path, cfg, "actor.model.path")
     if cfg.is_lora and cfg.lora_path:
         checkpoint.read_adapter_config(Path(cfg.lora_path), cfg.allow_pickle_weights)

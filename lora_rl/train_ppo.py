@@ -8,17 +8,14 @@ rewards, GAE, whitening; grpo: group-relative estimators; lora_rl.objectives) (5
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lora_rl import checkpoint, display, ppo, run_lock, train_state
 from lora_rl.data import pad, tokenize_prompts
@@ -26,36 +23,20 @@ from lora_rl.model import (
     Built,
     base_fingerprint,
     build,
-    check_model_dir,
-    check_model_files,
-    classifier_head_name,
-    disable_dropout,
-    enable_gradient_checkpointing,
-    load_base,
-    load_tokenizer,
     materialize_builtins,
-    resolve_path,
 )
 from lora_rl.objectives import Advantages, objective_for
-from lora_rl.recipe import Recipe, RecipeError
-from lora_rl.reward_model import RewardModel
+from lora_rl.recipe import Recipe
 from lora_rl.rewards import (
     RewardError,
-    RewardTerm,
     StepState,
-    check_terms,
-    data_columns,
-    load_prompt_rows,
     reward_metrics,
 )
+from lora_rl.rl_setup import Schedule, check_inputs, check_launch, schedule_of, setup_roles
 from lora_rl.roles import (
     CRITIC,
     ActorCritic,
     Roles,
-    attach_critic,
-    attach_reference,
-    attach_reward_adapter,
-    import_reward_function,
 )
 from lora_rl.rollout import Rollout, collect
 from lora_rl.train_state import BadUpdate, Interrupt, Interrupted, on_any_process
@@ -172,35 +153,6 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     return final
 
 
-class Schedule(NamedTuple):
-    """The loop's sizes and switches, read from the ppo or the grpo section."""
-
-    command: str
-    updates: int
-    prompts: int  # distinct prompts per update per process
-    generations: int  # completions per prompt (grpo's group)
-    epochs: int  # passes over each rollout batch
-    reference: str | None
-    max_bad_updates: int
-    disable_dropout: bool
-    batch_key: str  # what the recipe calls the batch, for messages
-
-    @property
-    def completions(self) -> int:
-        return self.prompts * self.generations
-
-
-def schedule_of(recipe: Recipe, command: str) -> Schedule:
-    if command == "ppo":
-        c = recipe.ppo
-        return Schedule("ppo", c.num_updates, c.rollout_batch_size, 1, c.ppo_epochs, c.reference, c.max_bad_updates,
-                        c.disable_dropout, f"ppo.rollout_batch_size: {c.rollout_batch_size}")  # fmt: skip
-    c = recipe.grpo
-    batch = f"grpo.prompts_per_step x grpo.num_generations: {c.prompts_per_step} x {c.num_generations}"
-    return Schedule("grpo", c.num_steps, c.prompts_per_step, c.num_generations, c.num_iterations, c.reference,
-                    c.max_bad_updates, c.disable_dropout, batch)  # fmt: skip
-
-
 @dataclass
 class Position:
     """Where a run is: updates done, the next prompt's (epoch, offset), and the guards' counters."""
@@ -239,137 +191,6 @@ class PromptBatches:
         position.offset += per_update
         ids, mask = pad([self.ids[i] for i in chosen], self.pad_id, "left")  # generation continues at the end
         return [self.rows[i] for i in chosen], ids.to(self.device), mask.to(self.device)
-
-
-# ---------------------------------------------------------------- checks and setup
-
-
-def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
-                 command: str = "ppo") -> tuple[list[dict], list[RewardTerm] | None]:  # fmt: skip
-    """Every check `command` (ppo or grpo) makes before it loads a model, also run by `validate --for`: its
-    settings, the model and adapter files, the prompts and the reward functions' import (and their arguments
-    against the data's columns). Returns the prompt rows and the reward functions."""
-    check_recipe(recipe, command)
-    check_model_files(recipe)
-    if recipe.reward.adapter:
-        checkpoint.read_adapter_config(Path(recipe.reward.adapter))
-    if recipe.reward.model:
-        check_model_dir(recipe.reward.model, recipe.actor.model, "reward.model")
-    rows = load_prompt_rows(recipe.data.train_path)
-    return rows, import_rewards(recipe, rows, recipe_dir)
-
-
-def check_recipe(recipe: Recipe, command: str = "ppo") -> None:
-    """The command's problems with the recipe, all at once, before any model loads."""
-    problems = []
-    reward_keys = [k for k in ("adapter", "model", "function", "functions") if getattr(recipe.reward, k) is not None]
-    if len(reward_keys) != 1:
-        found = ", ".join(f"reward.{k}" for k in reward_keys) or "none"
-        problems.append("reward: set exactly one of reward.adapter, reward.model, reward.function, reward.functions "
-                        f"(found: {found})")  # fmt: skip
-    if recipe.data.train_path is None:
-        problems.append("data.train_path: got null; expected a file of prompts (a 'prompt' column)")
-    schedule = schedule_of(recipe, command)
-    micro, accumulation = recipe.train.batch_size, recipe.train.gradient_accumulation_steps
-    if schedule.completions % (micro * accumulation):
-        problems.append(
-            f"{schedule.batch_key} is not divisible by train.batch_size x train.gradient_accumulation_steps = "
-            f"{micro} x {accumulation}; expected a multiple of {micro * accumulation}"
-        )
-    model = recipe.actor.model
-    if schedule.reference == "initial_adapter" and not (model.is_lora and model.lora_path):
-        problems.append(f"{command}.reference: initial_adapter needs actor.model.lora_path (the adapter to start from)")
-    critic_adapter = command == "ppo" and recipe.critic.mode == "adapter"
-    if not model.is_lora and (recipe.reward.adapter or critic_adapter):
-        problems.append("reward.adapter and critic.mode: adapter share the policy's base: they need is_lora: true")
-    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        problems.append(
-            "train.mixed_precision: got 'fp16'; fp16 needs a CUDA GPU, this machine has none: use bf16 or no"
-        )
-    if problems:
-        raise RecipeError(problems)
-
-
-def check_launch(accelerator, recipe: Recipe, schedule: Schedule, prompts: int) -> None:
-    """Problems that depend on how the command was launched."""
-    problems = train_state.launch_problems(accelerator)
-    if accelerator.distributed_type.value == "DEEPSPEED":
-        problems.append(f"{schedule.command}: DeepSpeed is not supported yet (the loop accumulates gradients itself, "
-                        "DeepSpeed steps inside backward): launch with recipes/accelerate/fsdp.yaml or "
-                        "multi_gpu.yaml")  # fmt: skip
-    needed = schedule.prompts * accelerator.num_processes
-    if prompts < needed:
-        what = "ppo.rollout_batch_size" if schedule.command == "ppo" else "grpo.prompts_per_step"
-        problems.append(f"{what}: {schedule.prompts} x {accelerator.num_processes} process(es) needs {needed} "
-                        f"prompts; {recipe.data.train_path} has {prompts}")  # fmt: skip
-    if problems:
-        raise RecipeError(problems)
-
-
-def import_rewards(recipe: Recipe, rows: list[dict], recipe_dir: Path | None = None) -> list[RewardTerm] | None:
-    """reward.function or reward.functions, imported (recipe_dir first) and checked against the data's columns."""
-    reward = recipe.reward
-    specs = [(reward.function, 1.0)] if reward.function else [(f.function, f.weight) for f in reward.functions or []]
-    if not specs:
-        return None
-    terms = [RewardTerm(import_reward_function(spec, recipe_dir), weight, spec.rpartition(":")[2])
-             for spec, weight in specs]  # fmt: skip
-    try:
-        check_terms(terms, data_columns(rows))
-    except RewardError as err:  # found before training: an input problem
-        raise RecipeError([str(err)]) from None
-    return terms
-
-
-def setup_roles(built: Built, recipe: Recipe, terms: list[RewardTerm] | None, schedule: Schedule, objective,
-                resume_dir: Path | None = None) -> Roles:  # fmt: skip
-    """Attach critic (ppo), reference (when the objective needs one) and reward to the policy's base; freeze all
-    but policy, critic and heads. When resuming, the value head and critic adapter come from the checkpoint."""
-    model, cfg = built.model, recipe.actor.model
-    if cfg.is_lora:
-        value_head, critic = attach_critic(model, recipe.critic.mode) if objective.critic else (None, None)
-        reference = schedule.reference or ("initial_adapter" if cfg.lora_path else "base")
-        adapter = None
-        if objective.needs_reference:
-            adapter = attach_reference(model, reference, cfg.lora_path, cfg.allow_pickle_weights)
-        roles = Roles(model, value_head, critic, adapter)
-    else:
-        value_head = attach_critic(model, "shared")[0] if objective.critic else None
-        reference_model = None
-        if objective.needs_reference:
-            reference_model = load_base(built.report.base_path, cfg, "causal-lm", built.tokenizer).requires_grad_(False)
-        roles = Roles(model, value_head, None, None, reference_model=reference_model)
-    if recipe.reward.adapter:
-        roles.reward_head = attach_reward_adapter(model, recipe.reward.adapter)
-    elif recipe.reward.model:
-        roles.reward_model, roles.reward_tokenizer = load_reward_model(recipe)
-    roles.reward_terms = terms
-    if resume_dir:
-        load_critic(roles, resume_dir)
-    roles.freeze_plan()
-    if recipe.train.gradient_checkpointing and cfg.is_lora:  # recompute each block under the adapter it ran with
-        enable_gradient_checkpointing(model, recipe.train.checkpoint_every_n_layers, roles.checkpoint_contexts)
-    if schedule.disable_dropout:
-        disable_dropout(model)  # the critic adapter has its own lora_dropout modules: after attach_critic
-    return roles
-
-
-def load_critic(roles: Roles, directory: Path) -> None:
-    if roles.value_head is None:
-        return
-    roles.value_head.load_state_dict(load_file(directory / "value_head.safetensors"))
-    if roles.critic_adapter:
-        weights = load_file(directory / CRITIC / "adapter_model.safetensors")
-        set_peft_model_state_dict(roles.model, weights, adapter_name=CRITIC)
-
-
-def load_reward_model(recipe: Recipe):
-    """A separate sequence classifier, frozen; read at an EOS after each text, as train-reward reads it."""
-    cfg = dataclasses.replace(recipe.actor.model, path=recipe.reward.model)
-    path = resolve_path(cfg)
-    tokenizer = load_tokenizer(path, cfg)
-    model = load_base(path, cfg, "reward", tokenizer).requires_grad_(False).eval()
-    return RewardModel(model, classifier_head_name(model)), tokenizer
 
 
 # ---------------------------------------------------------------- one update

@@ -16,7 +16,7 @@ from lora_rl import tiny, train_ppo
 from lora_rl.cli import app
 from lora_rl.roles import POLICY, ActorCritic
 from lora_rl.rollout import collect
-from tests.test_roles import ROOT, ppo_recipe, randomize, roles_for
+from tests.test_roles import ROOT, ppo_recipe, randomize, roles_for, rows
 
 SIZE = {"vocab_size": len(tiny.VOCAB), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
@@ -68,7 +68,7 @@ def test_logprobs_are_those_of_the_models_own_logits(family, write_recipe):
     actor_critic = ActorCritic(roles, 0.7)
     ids, mask = train_ppo.pad(built.tokenizer(PROMPTS)["input_ids"], built.tokenizer.pad_token_id, "left")
     torch.manual_seed(0)
-    rollout, _ = collect(actor_critic, roles, built.tokenizer, PROMPTS, ids, mask, recipe.generation)
+    rollout, _ = collect(actor_critic, roles, built.tokenizer, rows(PROMPTS), ids, mask, recipe.generation)
     ids, mask, width, valid = rollout.input_ids, rollout.attention_mask, rollout.prompt_width, rollout.mask
     with torch.no_grad():
         with roles.use(POLICY):

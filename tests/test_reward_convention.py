@@ -17,11 +17,12 @@ from accelerate import Accelerator
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_rl import load, merge, ppo, rollout, train_ppo, train_reward
+from lora_rl import load, merge, ppo, rollout, train_reward
 from lora_rl.data import PairCollator, pad, reward_ids, tokenize_pairs
-from lora_rl.model import build
 from lora_rl.recipe import load_recipe
 from lora_rl.reward_model import RewardModel
+from lora_rl.rewards import StepState
+from tests.test_roles import roles_for, rows
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["the cat is ", "hello how are you doing today "]  # the tiny tokenizer's decode adds no leading space
@@ -86,10 +87,10 @@ def ppo_scores(write_recipe, reward: dict, with_eos: list[bool]) -> torch.Tensor
         "actor": {"model": {"lora_rank": 4}}, "reward": reward,
         "data": {"train_path": str(ROOT / "recipes/data/prompts-demo.jsonl")},
     }))  # fmt: skip
-    built = build(recipe, "causal-lm")
-    roles = train_ppo.setup_roles(built, recipe, None)
+    built, roles = roles_for(recipe)
     responses, mask, input_ids, attention_mask = rollout_tensors(built.tokenizer, with_eos)
-    return rollout.score(roles, built.tokenizer, PROMPTS, responses, mask, input_ids, attention_mask)
+    return rollout.score(roles, built.tokenizer, rows(PROMPTS), responses, mask, input_ids, attention_mask,
+                         StepState()).total  # fmt: skip
 
 
 @torch.no_grad()

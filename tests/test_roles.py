@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from lora_rl import train_ppo, train_reward
+from lora_rl import rl_setup, train_reward
 from lora_rl.data import pad
 from lora_rl.model import ModelError, build
 from lora_rl.objectives import objective_for
@@ -37,9 +37,9 @@ def ppo_recipe(write_recipe, **sections):
 def roles_for(recipe, command: str = "ppo"):
     """The base and roles as `lora-rl COMMAND` sets them up."""
     built = build(recipe, "causal-lm")
-    terms = train_ppo.import_rewards(recipe, load_prompt_rows(recipe.data.train_path))
-    schedule, objective = train_ppo.schedule_of(recipe, command), objective_for(command, recipe)
-    return built, train_ppo.setup_roles(built, recipe, terms, schedule, objective)
+    terms = rl_setup.import_rewards(recipe, load_prompt_rows(recipe.data.train_path))
+    schedule, objective = rl_setup.schedule_of(recipe, command), objective_for(command, recipe)
+    return built, rl_setup.setup_roles(built, recipe, terms, schedule, objective)
 
 
 def rows(prompts: list[str]) -> list[dict]:

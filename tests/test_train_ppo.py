@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from lora_rl import ppo, train_ppo
+from lora_rl import ppo, rl_setup, train_ppo
 from lora_rl.checkpoint import verify
 from lora_rl.cli import app
 from lora_rl.objectives import Advantages, PPOObjective
@@ -249,7 +249,7 @@ def test_recipe_errors_before_loading(tmp_path, overrides, message, monkeypatch)
 def test_check_recipe_reports_every_problem(write_recipe):
     recipe = ppo_recipe(write_recipe, reward={"function": None}, ppo={"rollout_batch_size": 5})
     with pytest.raises(RecipeError) as err:
-        train_ppo.check_recipe(recipe)
+        rl_setup.check_recipe(recipe)
     assert len(err.value.problems) == 2
 
 
