@@ -171,3 +171,24 @@ def test_reward_std_is_over_every_process_s_scores(tmp_path):
     line = metrics(out)[0]
     assert abs(line["reward"] - 0.5) < 1e-6
     assert abs(line["reward_std"] - torch.tensor([0.0] * 8 + [1.0] * 8).std().item()) < 1e-6  # not 0
+
+
+def test_two_process_grpo_runs_and_resumes_exactly(tmp_path):
+    """grpo on 2 processes: groups stay whole on each process, dapo's token count and the group statistics are
+    reduced over both; a resumed run equals the uninterrupted one."""
+    settings = [str(ROOT / "recipes/grpo-demo.yaml"), "grpo.num_steps=4", "grpo.prompts_per_step=2",
+                "grpo.num_generations=4", "train.batch_size=4", "train.save_every=2", "grpo.beta=0.05"]  # fmt: skip
+    full = launch(2, "grpo", *settings, f"output_dir={tmp_path / 'full'}", timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    lines = metrics(tmp_path / "full")
+    assert [m["update"] for m in lines] == [1, 2, 3, 4] and all("frac_reward_zero_std" in m for m in lines)
+    crashed = tmp_path / "crashed"
+    subprocess.run(["cp", "-r", str(tmp_path / "full"), str(crashed)], check=True)
+    subprocess.run(["rm", "-rf", str(crashed / "final")], check=True)
+    resumed = launch(2, "grpo", *settings, f"output_dir={crashed}", "--resume", "auto", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(tmp_path / "full/final/adapter_model.safetensors")
+    b = load_file(crashed / "final/adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    timing = lambda m: {k: v for k, v in m.items() if not k.startswith("time_")}  # noqa: E731
+    assert [timing(m) for m in lines] == [timing(m) for m in metrics(crashed)]
