@@ -61,18 +61,23 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 
 class Progress:
-    """A rich progress bar whose trailing text shows the latest metrics; silent on non-main processes."""
+    """A rich progress bar whose trailing text shows the latest metrics; silent on non-main processes.
+
+    Without a terminal (nohup, slurm, a pipe) a bar shows only its final state, at the end: there each update
+    with metrics is one plain line instead, `DESCRIPTION N/TOTAL  name value ...`, the numbers the bar shows."""
 
     def __init__(self, total: int, description: str, enabled: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
+        self.plain = enabled and not console.is_terminal
         self.bar = RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=console, disable=not enabled,
+            TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=console,
+            disable=not enabled or self.plain,
         )  # fmt: skip
         self.task = self.bar.add_task(description, total=total, metrics="")
-        self.enabled = enabled
+        self.enabled, self.description, self.total = enabled, description, total
 
     def __enter__(self) -> Progress:
         self.bar.__enter__()
@@ -82,6 +87,8 @@ class Progress:
         self.bar.__exit__(*exc)
 
     def update(self, completed: int, metrics: dict[str, float]) -> None:
+        if self.plain and metrics:
+            console.print(f"{self.description} {completed}/{self.total}  {format_metrics(metrics)}", highlight=False)
         self.bar.update(self.task, completed=completed, metrics=format_metrics(metrics))
 
     def note(self, text: str) -> None:

@@ -63,7 +63,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)  # accumulation is handled below
     check_launch(accelerator, recipe, schedule, len(rows))
     main = accelerator.is_main_process
-    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir, resume)
+    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir, resume, unit="update")
 
     # 2. One base, every role (the policy, value head and critic from the checkpoint when resuming).
     set_seed(recipe.seed)

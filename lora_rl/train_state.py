@@ -232,13 +232,18 @@ def find_resume(recipe: Recipe, resume: str | None, allow_changes: bool) -> Path
     return directory
 
 
-def start_output(accelerator, recipe: Recipe, overwrite: bool, resume_dir: Path | None, resume: str | None) -> Path:
+def start_output(accelerator, recipe: Recipe, overwrite: bool, resume_dir: Path | None, resume: str | None,
+                 unit: str = "step") -> Path:  # fmt: skip
     """The run's output directory, locked and prepared by the main process while the others wait. `--resume auto`
-    without a checkpoint to continue starts afresh, replacing the earlier run's files."""
+    without a checkpoint to continue starts afresh, replacing the earlier run's files. A resumed run says where it
+    continues from (`unit`: what the run counts, step or update)."""
     out = Path(recipe.output_dir)
     if accelerator.is_main_process:
         restart = resume_dir is None and (resume or recipe.train.resume) == "auto"
         checkpoint.start_run_dir(out, recipe, overwrite, resuming=resume_dir is not None, restart=restart)
+        if resume_dir is not None:
+            step = (checkpoint.read_manifest(resume_dir) or {}).get("step", "?")
+            display.console.print(f"resuming from {resume_dir} ({unit} {step})", highlight=False, soft_wrap=True)
     accelerator.wait_for_everyone()
     return out
 
