@@ -103,8 +103,9 @@ def test_validate_and_ppo_make_the_same_checks_before_loading_a_model(command, s
     def build(*args, **kwargs):
         raise AssertionError("a model was loaded before the checks")
 
-    monkeypatch.setattr("lora_rl.model.build", build)
+    # train_ppo first: importing it while lora_rl.model.build is patched would bind (and restore) the fake
     monkeypatch.setattr("lora_rl.train_ppo.build", build)
+    monkeypatch.setattr("lora_rl.model.build", build)
     path = write_recipe({**PPO, **section})
     result = runner.invoke(app, [command, str(path)], env={"COLUMNS": "300"})
     assert result.exit_code == 2, result.output
