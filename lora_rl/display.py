@@ -62,6 +62,15 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def log_metrics(accelerator, out: Path, record: dict[str, Any], counter: str) -> None:
+    """metrics.jsonl's line, and the same numbers to train.report_to's trackers at `counter` (update or step);
+    a split (train-reward's train, eval) prefixes the names. Main process only."""
+    append_metrics(out / "metrics.jsonl", record)
+    prefix = f"{record['split']}/" if "split" in record else ""
+    scalars = {prefix + name: value for name, value in record.items() if name not in (counter, "split")}
+    accelerator.log(scalars, step=record[counter])
+
+
 class Progress:
     """A rich progress bar whose trailing text shows the latest metrics; silent on non-main processes.
 
