@@ -289,7 +289,7 @@ def load(
 @app.command()
 def plot(
     run_dirs: Annotated[
-        list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories, each with its metrics.jsonl.")
+        list[Path], typer.Argument(metavar="RUN_DIR", help="Run directories, each with its metrics.jsonl.")
     ],
     out: Annotated[
         Path | None, typer.Option("--out", help="PNG to write; default: the first RUN_DIR's metrics.png.")
