@@ -284,3 +284,23 @@ def load(
 
     with user_errors():
         command.run(base_or_adapter, adapter or [], prompt or [], prompts_file, max_new_tokens, score)
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(metavar="RUN_DIR", help="Run directories, each with its metrics.jsonl.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="PNG to write; default: the first RUN_DIR's metrics.png.")
+    ] = None,
+) -> None:
+    """Draw reward, KL, entropy, losses and response length from each run's metrics.jsonl, runs side by side.
+
+    One panel per metric a run logged (train-reward: loss, accuracy, margin, train and eval); one line per run.
+    Needs matplotlib: pip install "lora-rl[plot]".
+    """
+    from lora_rl import plot as command
+
+    with user_errors():
+        typer.echo(f"wrote {command.run(run_dirs, out)}")

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -18,14 +19,15 @@ console = Console()
 errors = Console(stderr=True)
 
 
+# Messages are plain text: escaped, so that `pip install "lora-rl[plot]"` or a path with brackets prints as written.
 def print_problems(problems: list[str]) -> None:
     for line in problems:
-        errors.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def print_warnings(lines: list[str]) -> None:
     for line in lines:
-        errors.print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def print_recipe(recipe: Recipe) -> None:
@@ -58,6 +60,15 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
     """One JSON line per record: `metrics.jsonl` is read by scripts, so keys stay stable."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def log_metrics(accelerator, out: Path, record: dict[str, Any], counter: str) -> None:
+    """metrics.jsonl's line, and the same numbers to train.report_to's trackers at `counter` (update or step);
+    a split (train-reward's train, eval) prefixes the names. Main process only."""
+    append_metrics(out / "metrics.jsonl", record)
+    prefix = f"{record['split']}/" if "split" in record else ""
+    scalars = {prefix + name: value for name, value in record.items() if name not in (counter, "split")}
+    accelerator.log(scalars, step=record[counter])
 
 
 class Progress:

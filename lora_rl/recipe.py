@@ -52,6 +52,8 @@ def key(default: Any, doc: str, check: tuple[typing.Callable[[Any], bool], str] 
     return field(default=default, metadata=meta)
 
 
+# accelerate's trackers; each name is also the package to install
+Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
 POSITIVE = (lambda v: v > 0, "a number > 0")
 POSITIVE_INT = (lambda v: v > 0, "an integer > 0")
 NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
@@ -128,6 +130,8 @@ class TrainConfig:
     max_bad_steps: int = key(3, "reward model: stop after this many consecutive optimizer steps with a non-finite "
                              "loss or gradient norm (each is skipped)", POSITIVE_INT)  # fmt: skip
     log_every: int = key(1, "optimizer steps between metric lines", POSITIVE_INT)
+    report_to: list[Tracker] = key([], "experiment trackers (accelerate's) that get each metrics line too; "
+                                   "their logs go under output_dir")  # fmt: skip
     eval_every: int = key(0, "optimizer steps between evaluations; 0 evaluates only at the end", NON_NEGATIVE_INT)
     save_every: int = key(0, "optimizer steps (ppo: updates) between checkpoints; 0 saves only at the end",
                           NON_NEGATIVE_INT)  # fmt: skip
@@ -467,6 +471,8 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(str(v) for v in typing.get_args(hint))
     if origin is list:
         (item,) = typing.get_args(hint)
+        if typing.get_origin(item) is Literal:
+            return "a list, each " + _describe(item)
         return "a list of mappings" if dataclasses.is_dataclass(item) else "a list of strings"
     names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names[hint]

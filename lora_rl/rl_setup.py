@@ -72,6 +72,7 @@ def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
     settings, the model and adapter files, the prompts and the reward functions' import (and their arguments
     against the data's columns). Returns the prompt rows and the reward functions."""
     check_recipe(recipe, command)
+    train_state.check_trackers(recipe)
     check_model_files(recipe, causal_lm=True)
     if recipe.reward.adapter:
         checkpoint.read_adapter_config(Path(recipe.reward.adapter))

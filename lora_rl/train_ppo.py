@@ -60,10 +60,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
         return finished
     resume_dir = train_state.find_resume(recipe, resume, allow_changes)
     materialize_builtins(recipe)
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)  # accumulation is handled below
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,  # accumulation is handled below
+                              **train_state.tracker_options(recipe))  # fmt: skip
     check_launch(accelerator, recipe, schedule, len(rows))
     main = accelerator.is_main_process
     out = train_state.start_output(accelerator, recipe, overwrite, resume_dir, resume, unit="update")
+    train_state.start_trackers(accelerator, recipe)
 
     # 2. One base, every role (the policy, value head and critic from the checkpoint when resuming).
     set_seed(recipe.seed)
@@ -138,7 +140,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                       "time_generate": timings.generate, "time_score": timings.score,
                       "time_train": time.perf_counter() - started}  # fmt: skip
             if main:
-                display.append_metrics(out / "metrics.jsonl", record)
+                display.log_metrics(accelerator, out, record, "update")
             shown = {k: record[k] for k in ("reward", "kl") if k in record}
             progress.update(update, {**shown, "len": record["response_length"]})
             # (8) checkpoint, never from a skipped update
@@ -148,6 +150,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                 position.last_saved = update
                 save(f"checkpoint-{update}", update)
     final = save("final", total)
+    accelerator.end_training()  # the trackers flush and close
     if main:
         display.console.print(f"saved {final}", highlight=False)
     return final

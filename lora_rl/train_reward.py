@@ -40,11 +40,13 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,
+        **train_state.tracker_options(recipe),
     )
     if problems := train_state.launch_problems(accelerator):
         raise RecipeError(problems)
     main = accelerator.is_main_process
     out = train_state.start_output(accelerator, recipe, overwrite, resume_dir, resume)
+    train_state.start_trackers(accelerator, recipe)
 
     # 2. Model (from the checkpoint when resuming), data, optimizer.
     set_seed(recipe.seed)
@@ -135,13 +137,13 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                 due = position.step % recipe.train.log_every == 0 or position.step == total_steps
                 if due and window.pairs:
                     record = window.flush(accelerator, position.step, scheduler.get_last_lr()[0], time.perf_counter())
-                    log(out, record, main)
+                    log(accelerator, out, record, main)
                     metrics = {"loss": record["loss"], "acc": record["accuracy"], "pairs/s": record["pairs_per_s"]}
                     progress.update(position.step, metrics)
                 step = position.step
                 mid_run = not bad and step < total_steps  # a skipped step is neither evaluated nor saved
                 if mid_run and recipe.train.eval_every and step % recipe.train.eval_every == 0:
-                    log(out, evaluate(model, eval_loader, accelerator, step), main, progress)
+                    log(accelerator, out, evaluate(model, eval_loader, accelerator, step), main, progress)
                 if position.offset >= len(train_set):  # the epoch is over: the next step starts a new one
                     position.epoch, position.offset = position.epoch + 1, 0
                 position.window = window.state()
@@ -156,8 +158,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                     position.epoch, position.offset = position.epoch + 1, 0
 
     # 4. Final evaluation and adapter.
-    log(out, evaluate(model, eval_loader, accelerator, position.step), main)
+    log(accelerator, out, evaluate(model, eval_loader, accelerator, position.step), main)
     final = save("final", position.step)
+    accelerator.end_training()  # the trackers flush and close
     if main:
         display.console.print(f"saved {final} ({time.perf_counter() - started:.0f}s)", highlight=False)
     return final
@@ -189,6 +192,7 @@ def check_inputs(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     """Every check train-reward makes before it loads a model, also run by `validate --for train-reward`: mixed
     precision, the model and adapter files, the preference pairs. Returns the (train, eval) rows."""
     train_state.check_mixed_precision(recipe.train.mixed_precision)
+    train_state.check_trackers(recipe)
     check_model_files(recipe)
     return load_split(recipe)
 
@@ -279,10 +283,10 @@ def evaluate(model, loader, accelerator, step: int) -> dict:
             "margin": out.margin.item(), "pairs": sum(len(c) for c in chosen)}  # fmt: skip
 
 
-def log(out: Path, record: dict, main: bool, progress: display.Progress | None = None) -> None:
+def log(accelerator, out: Path, record: dict, main: bool, progress: display.Progress | None = None) -> None:
     if not record or not main:
         return
-    display.append_metrics(out / "metrics.jsonl", record)
+    display.log_metrics(accelerator, out, record, "step")
     if record["split"] == "eval":
         line = f"step {record['step']}: eval accuracy {record['accuracy']:.3f}  margin {record['margin']:.3f}"
         (progress.note if progress else display.console.print)(line)

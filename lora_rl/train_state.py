@@ -8,6 +8,7 @@ run reproduces the uninterrupted one exactly.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -246,6 +247,36 @@ def start_output(accelerator, recipe: Recipe, overwrite: bool, resume_dir: Path 
             display.console.print(f"resuming from {resume_dir} ({unit} {step})", highlight=False, soft_wrap=True)
     accelerator.wait_for_everyone()
     return out
+
+
+def check_trackers(recipe: Recipe) -> None:
+    """Every tracker in train.report_to is installed (accelerate would fail only once the model is loaded)."""
+    missing = [name for name in recipe.train.report_to if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RecipeError([f"train.report_to: {name} is not installed; pip install {name}" for name in missing])
+
+
+def tracker_options(recipe: Recipe) -> dict[str, Any]:
+    """Accelerator keywords for train.report_to: the trackers, logging under output_dir."""
+    if not recipe.train.report_to:
+        return {}
+    return {"log_with": list(recipe.train.report_to), "project_dir": recipe.output_dir}
+
+
+def start_trackers(accelerator, recipe: Recipe) -> None:
+    """One tracker run per training run (named after output_dir) with the resolved recipe as its flat config:
+    TensorBoard's hyper-parameters take only scalars, so lists and nulls go as text."""
+    flat = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                flatten(f"{prefix}{name}.", inner)
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, int | float | str | bool) else str(value)
+
+    flatten("", recipe.to_dict())
+    accelerator.init_trackers("lora-rl", config=flat, init_kwargs={"wandb": {"name": Path(recipe.output_dir).name}})
 
 
 def check_mixed_precision(precision: str) -> None:
