@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -20,12 +21,12 @@ errors = Console(stderr=True)
 
 def print_problems(problems: list[str]) -> None:
     for line in problems:
-        errors.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def print_warnings(lines: list[str]) -> None:
     for line in lines:
-        errors.print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def print_recipe(recipe: Recipe) -> None:
