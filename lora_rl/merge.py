@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_rl import checkpoint, display, streaming_merge, tiny
+from lora_rl import builtin, checkpoint, display, streaming_merge
 from lora_rl.checkpoint import CheckpointError
 from lora_rl.model import ModelError, base_fingerprint, load_tokenizer, quiet_transformers
 from lora_rl.recipe import ModelConfig
@@ -100,7 +100,7 @@ def run(adapter_dir: Path, out_dir: Path, *, base: str | Path | None = None, dty
 def read_adapter(directory: Path, base: str | Path | None = None) -> AdapterSpec:
     """The adapter in `directory`, checked (config, manifest, safetensors weights, task) with its base's path.
 
-    `base` overrides the adapter's base_model_name_or_path; a built-in tiny model name is accepted.
+    `base` overrides the adapter's base_model_name_or_path; a built-in model name is accepted.
     """
     config = checkpoint.read_adapter_config(directory)
     manifest = checkpoint.read_manifest(directory) or {}
@@ -119,8 +119,10 @@ def resolve_base(name: str | Path | None, where: str) -> Path:
     """The base's local directory; nothing is downloaded."""
     if not name:
         raise ModelError(f"the adapter names no base model ({where} is empty); pass --base DIR")
-    if str(name) in tiny.TINY_MODELS:
-        return tiny.materialize(str(name))
+    if str(name) in builtin.NAMES:
+        if missing := builtin.missing_packages(str(name)):
+            raise ModelError(missing)
+        return builtin.materialize(str(name))
     path = Path(name)
     if not (path / "config.json").is_file():
         raise ModelError(f"base model {name} (from {where}) not found: no config.json there; pass --base DIR")

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lora_rl import checkpoint, lm_head, tiny
+from lora_rl import builtin, checkpoint, lm_head
 from lora_rl.recipe import DEFAULT_TARGET_MODULES, ModelConfig, Recipe, one_line
 
 Head = Literal["causal-lm", "reward"]
@@ -85,23 +85,23 @@ def build(recipe: Recipe, head: Head) -> Built:
 
 
 def materialize_builtins(recipe: Recipe) -> None:
-    """Build the recipe's built-in tiny models now, before accelerate starts a process group: from then on
+    """Build the recipe's built-in models now, before accelerate starts a process group: from then on
     transformers writes a model only on rank 0, and another rank would save a directory without it."""
     for name in (recipe.actor.model.path, recipe.reward.model):
-        if name in tiny.TINY_MODELS:
-            tiny.materialize(name)
+        if name in builtin.NAMES:
+            builtin.materialize(name)
 
 
 def resolve_path(cfg: ModelConfig) -> Path:
-    """The local directory of the base: a built-in tiny model is materialised first."""
-    return tiny.materialize(cfg.path) if cfg.path in tiny.TINY_MODELS else Path(cfg.path)
+    """The local directory of the base: a built-in model is materialised first."""
+    return builtin.materialize(cfg.path) if cfg.path in builtin.NAMES else Path(cfg.path)
 
 
 def check_model_files(recipe: Recipe, causal_lm: bool = False) -> None:
     """The files `build` reads, checked before anything loads: the base (for a causal LM, first its logit
     processing: refuse_logit_processing), and the adapter to continue (lora_path)."""
     cfg = recipe.actor.model
-    if causal_lm and cfg.path not in tiny.TINY_MODELS and (Path(cfg.path) / "config.json").is_file():
+    if causal_lm and cfg.path not in builtin.NAMES and (Path(cfg.path) / "config.json").is_file():
         refuse_logit_processing(Path(cfg.path), cfg)
     check_model_dir(cfg.path, cfg, "actor.model.path")
     if cfg.is_lora and cfg.lora_path:
@@ -110,8 +110,8 @@ def check_model_files(recipe: Recipe, causal_lm: bool = False) -> None:
 
 def check_model_dir(path: str, cfg: ModelConfig, key: str) -> None:
     """The model directory at `path` holds what `build` reads: weights it may read (safetensors, or pickle when
-    allowed) and a tokenizer. Checked before anything loads; built-in tiny models are always whole."""
-    if path in tiny.TINY_MODELS:
+    allowed) and a tokenizer. Checked before anything loads; built-in models are always whole."""
+    if path in builtin.NAMES:
         return
     directory = Path(path)
     checkpoint.refuse_pickle(directory, cfg.allow_pickle_weights)

@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lora_rl.tiny import TINY_MODELS
+from lora_rl import builtin
 
 # RLinf's list, matched against each module's leaf name; entries a model lacks are skipped.
 DEFAULT_TARGET_MODULES = (
@@ -63,7 +63,7 @@ UNIT_INTERVAL_OPEN = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = key("tiny-llama", f"local model directory, or a built-in tiny model: {', '.join(TINY_MODELS)}")
+    path: str = key("tiny-llama", f"local model directory, or a built-in model: {', '.join(builtin.NAMES)}")
     trust_remote_code: bool = key(False, "run Python code shipped with the model directory (off unless you trust it)")
     dtype: Literal["float32", "bfloat16", "float16"] = key("float32", "precision the base weights are loaded in")
     allow_pickle_weights: bool = key(False, "also read .bin/.pt (pickle) weights; only safetensors otherwise")
@@ -234,7 +234,7 @@ class RewardFunctionConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     adapter: str | None = key(None, "reward adapter directory (from train-reward) on the same base")
-    model: str | None = key(None, "a separate sequence-classifier directory (any base), or a built-in tiny model")
+    model: str | None = key(None, "a separate sequence-classifier directory (any base), or a built-in model")
     function: str | None = key(None, "package.module:function(prompts, completions, **columns) -> list of floats")
     functions: list[RewardFunctionConfig] | None = key(
         None, "several functions, summed with weights: [{function: pkg.mod:f, weight: 1.0}, ...]"
@@ -478,14 +478,21 @@ def _describe(hint: Any) -> str:
     return names[hint]
 
 
+def _missing_packages(name: str | None) -> list[str]:
+    """What to install for built-in model `name`, when building it needs packages that are absent."""
+    missing = builtin.missing_packages(name) if name in builtin.NAMES else None
+    return [missing] if missing else []
+
+
 def _check_paths(recipe: Recipe) -> list[str]:
     """Files and directories the recipe names must exist: checked here, before any model loads."""
     problems = []
     model = recipe.actor.model
-    if model.path not in TINY_MODELS and not Path(model.path).is_dir():
+    problems += [f"actor.model.path: {missing}" for missing in _missing_packages(model.path)]
+    if model.path not in builtin.NAMES and not Path(model.path).is_dir():
         problems.append(
             f"actor.model.path: {model.path!r} is not a directory; expected a local model directory "
-            f"or one of the built-in models: {', '.join(TINY_MODELS)}"
+            f"or one of the built-in models: {', '.join(builtin.NAMES)}"
         )
     if model.lora_path is not None and not (Path(model.lora_path) / "adapter_config.json").is_file():
         problems.append(
@@ -496,7 +503,8 @@ def _check_paths(recipe: Recipe) -> list[str]:
             f"reward.adapter: {recipe.reward.adapter!r} has no adapter_config.json; expected an adapter directory"
         )
     reward_model = recipe.reward.model
-    built_in = reward_model in TINY_MODELS
+    built_in = reward_model in builtin.NAMES
+    problems += [f"reward.model: {missing}" for missing in _missing_packages(reward_model)]
     if reward_model is not None and not built_in and not (Path(reward_model) / "config.json").is_file():
         problems.append(
             f"reward.model: {reward_model!r} has no config.json; expected a model directory or a built-in model"

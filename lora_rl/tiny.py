@@ -1,17 +1,12 @@
 """Built-in tiny random models, for demos and tests: nothing may be downloaded.
 
-`materialize(name)` builds the model from a transformers config with a fixed seed, plus a
-word-level tokenizer made in memory, and saves both to a cache directory; callers then load that
-directory with `from_pretrained`, so the real loading path runs. The seed is fixed (not the
+Each is built from a transformers config with a fixed seed, plus a word-level tokenizer made in memory, and
+saved by lora_rl.builtin.materialize to its cache directory. The seed is fixed (not the
 recipe's) so an adapter trained by one recipe fits the same base in another recipe.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 TINY_SEED = 0
@@ -38,38 +33,10 @@ VOCAB = SPECIAL + PUNCTUATION + [str(d) for d in range(10)] + list(dict.fromkeys
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 
 
-def cache_root() -> Path:
-    """Where built-in models are materialised: $LORA_RL_HOME/tiny, default ~/.cache/lora_rl/tiny."""
-    home = os.environ.get("LORA_RL_HOME") or Path.home() / ".cache" / "lora_rl"
-    return Path(home) / "tiny"
-
-
-def materialize(name: str) -> Path:
-    """The directory holding built-in model `name`, built and saved on first use.
-
-    Several processes (accelerate launch, parallel jobs sharing a home) may ask at once: a file lock lets
-    one build while the others wait, and the directory appears under its name only when complete.
-    """
-    if name not in TINY_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; expected one of {', '.join(TINY_MODELS)}")
-    final = cache_root() / name
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (final / "config.json").is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-            try:
-                build_model(name).save_pretrained(tmp)
-                build_tokenizer().save_pretrained(tmp)
-                if not (tmp / "config.json").is_file():
-                    # transformers writes a model only on rank 0 of a live process group
-                    raise RuntimeError(f"{name}: built on a non-main process; materialize before the process group")
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+def save(name: str, directory: Path) -> None:
+    """Write tiny model `name` and the word-level tokenizer to `directory` (lora_rl.builtin.materialize)."""
+    build_model(name).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
 
 
 def build_tokenizer():

@@ -1,4 +1,4 @@
-"""Shared fixtures: built-in tiny models materialised once per test session, in a temp home."""
+"""Shared fixtures: built-in models materialised once per test session, in a temp home."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-# Set before lora_rl is imported anywhere: every test reads and writes tiny models here, never in ~.
+# Set before lora_rl is imported anywhere: every test reads and writes built-in models here, never in ~.
 os.environ["LORA_RL_HOME"] = tempfile.mkdtemp(prefix="lora-rl-tests-")
 
-from lora_rl import tiny  # noqa: E402
+from lora_rl import builtin  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def llama_dir() -> Path:
-    return tiny.materialize("tiny-llama")
+    return builtin.materialize("tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def gpt2_dir() -> Path:
-    return tiny.materialize("tiny-gpt2")
+    return builtin.materialize("tiny-gpt2")
 
 
 @pytest.fixture
@@ -36,3 +36,9 @@ def write_recipe(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real built-in model, converted once per session (about a minute on CPU)."""
+    return builtin.materialize("smollm2-135m-instruct")

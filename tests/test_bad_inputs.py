@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from lora_rl import tiny
+from lora_rl import builtin
 from lora_rl.cli import app
 from tests.test_merge import make_adapter
 
@@ -51,7 +51,7 @@ def reward_recipe(tmp: Path) -> Path:
 def adapters(tmp_path_factory) -> dict[str, Path]:
     """Plain peft adapters (no manifest) on tiny-llama: a causal-LM one and a reward (SEQ_CLS) one."""
     root = tmp_path_factory.mktemp("adapters")
-    base, targets = tiny.materialize("tiny-llama"), LORA["target_modules"]
+    base, targets = builtin.materialize("tiny-llama"), LORA["target_modules"]
     return {"policy": make_adapter(root / "policy", base, target_modules=targets),
             "reward": make_adapter(root / "reward", base, reward=True, target_modules=targets)}  # fmt: skip
 
@@ -84,7 +84,7 @@ def malformed_config(adapter: Path, tmp: Path) -> Path:
 
 def model_without(tmp: Path, pattern: str) -> Path:
     """tiny-llama copied without the files matching `pattern`."""
-    copy = Path(shutil.copytree(tiny.materialize("tiny-llama"), tmp / "model"))
+    copy = Path(shutil.copytree(builtin.materialize("tiny-llama"), tmp / "model"))
     for path in copy.glob(pattern):
         path.unlink()
     return copy

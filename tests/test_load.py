@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
-from lora_rl import load, tiny
+from lora_rl import builtin, load
 from lora_rl.cli import app
 
 runner = CliRunner()
@@ -28,7 +28,7 @@ def make_adapter(path: Path, base: str, seed: int, reward: bool = False, **lora)
     """A plain peft adapter with random non-zero B weights (and a random reward head), saved to `path`."""
     cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     model = quiet(
-        cls.from_pretrained, tiny.materialize(base), **({"num_labels": 1, "pad_token_id": 0} if reward else {})
+        cls.from_pretrained, builtin.materialize(base), **({"num_labels": 1, "pad_token_id": 0} if reward else {})
     )
     config = LoraConfig(task_type="SEQ_CLS" if reward else "CAUSAL_LM", r=4, lora_alpha=8, **lora)
     peft_model = quiet(get_peft_model, model, config)
@@ -44,7 +44,7 @@ def make_adapter(path: Path, base: str, seed: int, reward: bool = False, **lora)
 @torch.no_grad()
 def greedy(model, texts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy completions by a model used alone: the reference for each column."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny.materialize("tiny-llama"))
+    tokenizer = AutoTokenizer.from_pretrained(builtin.materialize("tiny-llama"))
     outputs = []
     for text in texts:
         ids = tokenizer(text, return_tensors="pt").input_ids
@@ -69,7 +69,7 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 def test_switching_adapters_changes_outputs_and_the_base_row_is_the_base(adapters):
     columns = load.run("tiny-llama", [f"a={adapters['a']}", f"b={adapters['b']}"], PROMPTS, None, 8)
     assert list(columns) == ["base", "a", "b"]
-    base = tiny.materialize("tiny-llama")
+    base = builtin.materialize("tiny-llama")
     assert columns["base"] == greedy(quiet(AutoModelForCausalLM.from_pretrained, base), PROMPTS, 8)
     for name in ("a", "b"):
         alone = quiet(PeftModel.from_pretrained, quiet(AutoModelForCausalLM.from_pretrained, base), adapters[name])
@@ -80,9 +80,9 @@ def test_switching_adapters_changes_outputs_and_the_base_row_is_the_base(adapter
 def test_rewards_of_each_reward_adapter(adapters):
     columns = load.run("tiny-llama", [f"r1={adapters['r1']}", f"r2={adapters['r2']}"], PROMPTS, None, score=True)
     assert list(columns) == ["r1", "r2"]
-    tokenizer = AutoTokenizer.from_pretrained(tiny.materialize("tiny-llama"))
+    tokenizer = AutoTokenizer.from_pretrained(builtin.materialize("tiny-llama"))
     for name in ("r1", "r2"):
-        base = quiet(AutoModelForSequenceClassification.from_pretrained, tiny.materialize("tiny-llama"),
+        base = quiet(AutoModelForSequenceClassification.from_pretrained, builtin.materialize("tiny-llama"),
                      num_labels=1, pad_token_id=0)  # fmt: skip
         alone = quiet(PeftModel.from_pretrained, base, adapters[name])
         with torch.no_grad():  # one text + EOS at a time (the reward is read at the EOS): no padding involved
@@ -99,7 +99,7 @@ def test_cli_adapter_as_first_argument_and_prompts_file(adapters, tmp_path):
                                  "--max-new-tokens", "4"], env={"COLUMNS": "200"})  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].strip() == f"{tiny.materialize('tiny-gpt2')}: greedy completions, up to 4 new tokens"
+    assert lines[0].strip() == f"{builtin.materialize('tiny-gpt2')}: greedy completions, up to 4 new tokens"
     assert [cell.strip() for cell in lines[2].split("┃")[1:-1]] == ["prompt", "base", "gpt2"]  # the header row
     assert "one two [bold]three" in result.stdout  # user text is shown as written, not read as markup
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 from typer.testing import CliRunner
 
-from lora_rl import checkpoint, merge, streaming_merge, tiny
+from lora_rl import builtin, checkpoint, merge, streaming_merge, tiny
 from lora_rl.cli import app
 from lora_rl.model import ModelError, build
 from lora_rl.recipe import load_recipe
@@ -100,7 +100,7 @@ def stream(adapter: Path, out: Path, **kwargs) -> Path:
 def sharded_llama(tmp_path_factory) -> Path:
     """tiny-llama saved in several small shards (with an index), as large bases are."""
     path = tmp_path_factory.mktemp("sharded") / "llama"
-    quiet_load(AutoModelForCausalLM, tiny.materialize("tiny-llama")).save_pretrained(path, max_shard_size="100KB")
+    quiet_load(AutoModelForCausalLM, builtin.materialize("tiny-llama")).save_pretrained(path, max_shard_size="100KB")
     tiny.build_tokenizer().save_pretrained(path)
     return path
 
@@ -108,7 +108,7 @@ def sharded_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bf16_llama(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bf16") / "llama"
-    quiet_load(AutoModelForCausalLM, tiny.materialize("tiny-llama"), dtype=torch.bfloat16).save_pretrained(path)
+    quiet_load(AutoModelForCausalLM, builtin.materialize("tiny-llama"), dtype=torch.bfloat16).save_pretrained(path)
     tiny.build_tokenizer().save_pretrained(path)
     return path
 
@@ -132,7 +132,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_streaming_equals_peft_merge_bitwise(case, tmp_path):
     base, lora = CASES[case]
-    base_dir = tiny.materialize(base)
+    base_dir = builtin.materialize(base)
     adapter = make_adapter(tmp_path / "adapter", base_dir, **lora)
     out = stream(adapter, tmp_path / "out")
     assert_same_tensors(out, peft_merged(adapter, base_dir))
@@ -141,7 +141,7 @@ def test_streaming_equals_peft_merge_bitwise(case, tmp_path):
 
 def test_rslora_scaling_is_alpha_over_sqrt_r(tmp_path):
     """An independent computation of one merged weight: W + alpha/sqrt(r) * B @ A."""
-    base_dir = tiny.materialize("tiny-llama")
+    base_dir = builtin.materialize("tiny-llama")
     adapter = make_adapter(tmp_path / "adapter", base_dir, target_modules=["q_proj"], use_rslora=True)
     lora, name = load_file(adapter / "adapter_model.safetensors"), "model.layers.0.self_attn.q_proj"
     a, b = lora[f"base_model.model.{name}.lora_A.weight"], lora[f"base_model.model.{name}.lora_B.weight"]
@@ -151,7 +151,7 @@ def test_rslora_scaling_is_alpha_over_sqrt_r(tmp_path):
 
 
 def test_reward_adapter_streams_to_a_sequence_classifier(tmp_path):
-    base_dir = tiny.materialize("tiny-llama")
+    base_dir = builtin.materialize("tiny-llama")
     adapter = make_adapter(tmp_path / "adapter", base_dir, reward=True, target_modules=["q_proj", "down_proj"])
     out = stream(adapter, tmp_path / "out")
     reference = peft_merged(adapter, base_dir, reward=True)
@@ -162,7 +162,7 @@ def test_reward_adapter_streams_to_a_sequence_classifier(tmp_path):
 
 
 def test_tied_lm_head_is_untied(tmp_path):
-    base_dir = tiny.materialize("tiny-gpt2")
+    base_dir = builtin.materialize("tiny-gpt2")
     adapter = make_adapter(tmp_path / "adapter", base_dir, target_modules=["c_attn", "lm_head"])
     out = stream(adapter, tmp_path / "out")
     assert_same_tensors(out, peft_merged(adapter, base_dir, untie=True))
@@ -190,7 +190,7 @@ def test_multi_shard_base_gives_the_same_shards(tmp_path, sharded_llama):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_tensors_copied_in_pieces_are_unchanged(tmp_path, monkeypatch, dtype):
-    adapter = make_adapter(tmp_path / "adapter", tiny.materialize("tiny-gpt2"), target_modules=["c_attn"])
+    adapter = make_adapter(tmp_path / "adapter", builtin.materialize("tiny-gpt2"), target_modules=["c_attn"])
     whole = saved_tensors(stream(adapter, tmp_path / "whole", dtype=dtype))
     monkeypatch.setattr(streaming_merge, "CHUNK", 1000)  # bytes: the embeddings go in many pieces
     pieces = saved_tensors(stream(adapter, tmp_path / "pieces", dtype=dtype))
@@ -212,7 +212,7 @@ def test_bf16_within_one_ulp_of_peft_and_equal_to_in_memory(tmp_path, bf16_llama
 
 
 def test_dtype_option_casts_once(tmp_path):
-    adapter = make_adapter(tmp_path / "adapter", tiny.materialize("tiny-llama"), target_modules=["q_proj"])
+    adapter = make_adapter(tmp_path / "adapter", builtin.materialize("tiny-llama"), target_modules=["q_proj"])
     out = stream(adapter, tmp_path / "out", dtype="float16")
     float32 = saved_tensors(stream(adapter, tmp_path / "f32"))
     for name, tensor in saved_tensors(out).items():
@@ -242,8 +242,8 @@ GPT2_TIED = ["c_attn", "c_fc", "lm_head"]
 def round_trips(tmp_path, write_recipe) -> dict[str, tuple[Path, str]]:
     """Adapter directories for both built-in architectures and a reward model, with their heads."""
     return {
-        "llama": (make_adapter(tmp_path / "llama", tiny.materialize("tiny-llama"), target_modules=ALL_LLAMA), "lm"),
-        "gpt2": (make_adapter(tmp_path / "gpt2", tiny.materialize("tiny-gpt2"), target_modules=GPT2_TIED), "lm"),
+        "llama": (make_adapter(tmp_path / "llama", builtin.materialize("tiny-llama"), target_modules=ALL_LLAMA), "lm"),
+        "gpt2": (make_adapter(tmp_path / "gpt2", builtin.materialize("tiny-gpt2"), target_modules=GPT2_TIED), "lm"),
         "reward": (project_reward_adapter(write_recipe, tmp_path / "reward"), "reward"),
     }
 
@@ -290,7 +290,8 @@ def test_merged_reward_model_gives_the_adapters_rewards(tmp_path, write_recipe):
     tokenizer = AutoTokenizer.from_pretrained(out)
     batch = tokenizer(["the cat is good", "bad"], return_tensors="pt", padding=True)
     merged = quiet_load(AutoModelForSequenceClassification, out)
-    base = quiet_load(AutoModelForSequenceClassification, tiny.materialize("tiny-llama"), num_labels=1, pad_token_id=0)
+    llama = builtin.materialize("tiny-llama")
+    base = quiet_load(AutoModelForSequenceClassification, llama, num_labels=1, pad_token_id=0)
     adapter_model = attach(base, adapter)
     with torch.no_grad():
         expected = RewardModel(adapter_model, "score")(batch.input_ids, batch.attention_mask)
@@ -305,7 +306,7 @@ def test_merged_reward_model_gives_the_adapters_rewards(tmp_path, write_recipe):
 
 
 def test_dora_merges_in_memory_but_not_streaming(tmp_path):
-    llama = tiny.materialize("tiny-llama")
+    llama = builtin.materialize("tiny-llama")
     adapter = make_adapter(tmp_path / "adapter", llama, target_modules=["q_proj"], use_dora=True)
     result = runner.invoke(app, ["merge", str(adapter), str(tmp_path / "out"), "--streaming"], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and not (tmp_path / "out").exists()
@@ -316,11 +317,11 @@ def test_dora_merges_in_memory_but_not_streaming(tmp_path):
 
 def test_base_files_naming_tensors_otherwise_are_not_streamed(tmp_path):
     base = tmp_path / "renamed"
-    shutil.copytree(tiny.materialize("tiny-llama"), base)
+    shutil.copytree(builtin.materialize("tiny-llama"), base)
     tensors = load_file(base / "model.safetensors")
     tensors["model.final_norm.weight"] = tensors.pop("model.norm.weight")  # as a legacy checkpoint might
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
-    adapter = make_adapter(tmp_path / "adapter", tiny.materialize("tiny-llama"), target_modules=["q_proj"])
+    adapter = make_adapter(tmp_path / "adapter", builtin.materialize("tiny-llama"), target_modules=["q_proj"])
     with pytest.raises(ModelError, match="does not support tensor model.norm.weight, which the base's files lack"):
         stream(adapter, tmp_path / "out", base=base)
 
@@ -341,7 +342,7 @@ def test_mode_streams_when_the_base_does_not_fit_unless_told():
 
 
 def test_large_base_streams_automatically_and_skips_the_check(tmp_path, monkeypatch):
-    adapter = make_adapter(tmp_path / "adapter", tiny.materialize("tiny-llama"), target_modules=["q_proj"])
+    adapter = make_adapter(tmp_path / "adapter", builtin.materialize("tiny-llama"), target_modules=["q_proj"])
     monkeypatch.setattr(merge, "memory_budget", lambda: 1000)
     result = runner.invoke(app, ["merge", str(adapter), str(tmp_path / "out")], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
@@ -350,7 +351,7 @@ def test_large_base_streams_automatically_and_skips_the_check(tmp_path, monkeypa
 
 
 def test_a_wrong_merge_fails_the_check_and_writes_nothing(tmp_path, monkeypatch):
-    adapter = make_adapter(tmp_path / "adapter", tiny.materialize("tiny-gpt2"), target_modules=["c_attn"])
+    adapter = make_adapter(tmp_path / "adapter", builtin.materialize("tiny-gpt2"), target_modules=["c_attn"])
     delta = streaming_merge.lora_delta
     monkeypatch.setattr(streaming_merge, "lora_delta", lambda lora, f: 2 * delta(lora, f))
     result = runner.invoke(app, ["merge", str(adapter), str(tmp_path / "out"), "--streaming"], env={"COLUMNS": "300"})
@@ -376,7 +377,7 @@ def test_tolerance_fits_the_dtype():
 
 @pytest.fixture
 def llama_adapter(tmp_path) -> Path:
-    return make_adapter(tmp_path / "adapter", tiny.materialize("tiny-llama"), target_modules=["q_proj", "v_proj"])
+    return make_adapter(tmp_path / "adapter", builtin.materialize("tiny-llama"), target_modules=["q_proj", "v_proj"])
 
 
 def other_llama(path: Path) -> Path:
@@ -502,7 +503,7 @@ def test_missing_shard_is_reported(tmp_path, sharded_llama):
 
 @pytest.mark.parametrize("reward", [False, True], ids=["causal-lm", "reward"])
 def test_base_without_tokenizer_merges_and_says_so(tmp_path, reward):
-    base = Path(shutil.copytree(tiny.materialize("tiny-llama"), tmp_path / "base"))
+    base = Path(shutil.copytree(builtin.materialize("tiny-llama"), tmp_path / "base"))
     for path in base.glob("tokenizer*"):
         path.unlink()
     adapter = make_adapter(tmp_path / "adapter", base, reward=reward, target_modules=["q_proj"])
@@ -516,5 +517,5 @@ def test_base_without_tokenizer_merges_and_says_so(tmp_path, reward):
 def test_merge_says_whose_tokenizer_it_copied(tmp_path, llama_adapter):
     result = runner.invoke(app, ["merge", str(llama_adapter), str(tmp_path / "out"), "--no-check"])
     assert result.exit_code == 0, result.output
-    assert f"tokenizer: the base's ({tiny.materialize('tiny-llama')})" in result.stdout
+    assert f"tokenizer: the base's ({builtin.materialize('tiny-llama')})" in result.stdout
     assert (tmp_path / "out/tokenizer.json").is_file()

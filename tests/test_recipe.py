@@ -84,7 +84,7 @@ def test_missing_files_are_named(write_recipe, tmp_path):
     )
     assert problems_of(path) == [
         f"actor.model.path: '{tmp_path / 'nope'}' is not a directory; expected a local model directory "
-        "or one of the built-in models: tiny-llama, tiny-gpt2",
+        "or one of the built-in models: tiny-llama, tiny-gpt2, smollm2-135m-instruct",
         f"actor.model.lora_path: '{tmp_path}' has no adapter_config.json; expected an adapter directory",
         "data.train_path: 'missing.jsonl' does not exist; expected a data file or directory",
     ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_rl import tiny
+from lora_rl import builtin, tiny
 
 
 def test_build_is_deterministic():
@@ -13,7 +13,7 @@ def test_build_is_deterministic():
 
 
 def test_materialized_model_loads_by_path(llama_dir):
-    assert tiny.materialize("tiny-llama") == llama_dir
+    assert builtin.materialize("tiny-llama") == llama_dir
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
     reference = tiny.build_model("tiny-llama").state_dict()
     assert all(torch.equal(t, reference[k]) for k, t in model.state_dict().items())
