@@ -119,8 +119,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                 sample = partial(collect, actor_critic, roles, built.tokenizer, prompt_rows, prompt_ids, prompt_mask,
                                  recipe.generation, objective.needs_reference,
                                  StepState(update - 1, total))  # fmt: skip
-                rollout, timings = sample_everywhere(accelerator, trained, sample)
-                check_finite(accelerator, update, rollout, schedule)
+                rollout, timings = sample_everywhere(accelerator, trained, sample, schedule, update)
+                check_finite(accelerator, update, rollout)
                 # (3)-(4) advantages: ppo's KL-shaped rewards + GAE, or grpo's group-relative estimators
                 found = objective.advantages(accelerator, rollout)
                 # (5) epochs over micro-batches, an optimizer step per accumulation group
@@ -199,13 +199,19 @@ class PromptBatches:
 # ---------------------------------------------------------------- one update
 
 
-def sample_everywhere(accelerator, trained, sample) -> tuple[Rollout, object]:
+def sample_everywhere(accelerator, trained, sample, schedule: Schedule, update: int) -> tuple[Rollout, object]:
     """Run the rollout inside the prepared module's forward; a reward function that fails on any process stops
-    every process (RewardError naming it): one alone would leave the others waiting in a collective forever."""
+    every process (RewardError naming it): one alone would leave the others waiting in a collective forever.
+    ppo needs a score for every completion: a reward function returning None there is such a failure (grpo leaves
+    those rows out)."""
     failure = None
     try:
         with torch.no_grad():
             rollout, timings = trained(within=sample)
+        if schedule.command == "ppo" and not rollout.judged.all():
+            missing = int((~rollout.judged).sum())
+            failure = (f"update {update}: the reward function returned None for {missing} of {len(rollout.judged)} "
+                       "completions; ppo needs a score for every one")  # fmt: skip
     except RewardError as err:
         failure = str(err)
     failure = on_any_process(accelerator, failure)
@@ -214,13 +220,8 @@ def sample_everywhere(accelerator, trained, sample) -> tuple[Rollout, object]:
     return rollout, timings
 
 
-def check_finite(accelerator, update: int, rollout: Rollout, schedule: Schedule) -> None:
-    """Raise BadUpdate naming the first non-finite source of a rollout, on every process if on any. ppo needs a
-    score for every completion: a reward function returning None there is an error (grpo leaves such rows out)."""
-    if schedule.command == "ppo" and not rollout.judged.all():
-        missing = int((~rollout.judged).sum())
-        raise RewardError(f"update {update}: the reward function returned None for {missing} of "
-                          f"{len(rollout.judged)} completions; ppo needs a score for every one")  # fmt: skip
+def check_finite(accelerator, update: int, rollout: Rollout) -> None:
+    """Raise BadUpdate naming the first non-finite source of a rollout, on every process if on any."""
     mask = rollout.mask
     sources = {"reward": rollout.scores, "policy logits": rollout.logprobs[mask], "values": rollout.values[mask]}
     if rollout.ref_logprobs is not None:

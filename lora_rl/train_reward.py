@@ -179,11 +179,14 @@ class Position:
 
 def step_problem(accelerator, model, recipe: Recipe, results: list) -> str | None:
     """Clip the step's gradients; what is not finite in its losses or gradient norm (None: nothing), the same on
-    every process (one skipping a step the others take would leave their weights apart)."""
+    every process (one skipping a step the others take would leave their weights apart). With fp16 loss scaling
+    an inf gradient norm is an overflow, not a problem: the GradScaler skips that step and lowers its scale (as
+    ppo's optimise does; several overflows in a row are usual while the scale settles)."""
     found = None
     if not torch.isfinite(torch.stack([result.loss.detach() for result, _ in results])).all():
         found = "non-finite loss"
-    if not train_state.clip_gradients(accelerator, model, recipe.train.max_grad_norm):
+    finite = train_state.clip_gradients(accelerator, model, recipe.train.max_grad_norm)
+    if not finite and accelerator.scaler is None:
         found = found or "non-finite gradient norm"
     return train_state.on_any_process(accelerator, found)
 

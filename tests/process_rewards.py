@@ -16,3 +16,8 @@ def nan_on_process_1(prompts: list[str], completions: list[str]) -> list[float]:
 def rank(prompts: list[str], completions: list[str]) -> list[float]:
     """The process's rank: each process's scores have std 0, the global batch's do not."""
     return [float(os.environ.get("RANK", 0))] * len(completions)
+
+
+def none_on_process_1(prompts: list[str], completions: list[str]) -> list[float | None]:
+    """None (not judged) on the second of several processes only: ppo needs every score, on every process."""
+    return [None if os.environ.get("RANK") == "1" else 1.0] * len(completions)

@@ -130,6 +130,18 @@ def test_ctrl_c_reaching_one_process_stops_all_at_the_same_step(tmp_path):
     assert [m["step"] for m in metrics(out) if m["split"] == "train"] == list(range(1, 151))
 
 
+def test_a_missing_ppo_score_on_one_process_stops_all(tmp_path):
+    """ppo's check that every completion got a score runs inside the same agreement: process 0 must not wait for
+    process 1 in a collective after process 1 stopped."""
+    out = tmp_path / "ppo"
+    result = launch(2, "ppo", str(ROOT / "recipes/ppo-demo.yaml"), f"output_dir={out}", "ppo.rollout_batch_size=16",
+                    "reward.function=tests.process_rewards:none_on_process_1", timeout=300)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "the reward function returned None for 16 of 16 completions; ppo needs a score for every one (process 1)" \
+        in result.stderr  # fmt: skip
+    assert not (out / "final").exists()
+
+
 def test_a_reward_function_failing_on_one_process_stops_all(tmp_path):
     """nan from the reward function on process 1 only: a named error there, and every process stops with it (one
     process alone would leave the other waiting in a collective)."""

@@ -227,3 +227,29 @@ def test_one_non_finite_step_is_skipped_and_training_goes_on(write_recipe, pair_
     assert "step 3: non-finite loss; step skipped (1 in a row)" in capsys.readouterr().err
     assert all(torch.isfinite(t).all() for t in load_file(final / "adapter_model.safetensors").values())
     assert [m["step"] for m in metrics(Path(recipe.output_dir)) if m["split"] == "train"] == [1, 2, 4]
+
+
+def test_fp16_overflow_is_the_grad_scalers_skip_not_a_bad_step():
+    """With a GradScaler an inf gradient norm is an overflow (the scaler skips the step and lowers its scale),
+    not a bad step: three in a row, usual while the scale settles, must not stop the run."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from lora_rl.reward_model import PairwiseOutput
+    from lora_rl.train_reward import step_problem
+
+    accelerator = Accelerator()
+    model = accelerator.prepare(torch.nn.Linear(2, 1))
+    for param in model.parameters():
+        param.grad = torch.full_like(param, float("inf"))
+    recipe = SimpleNamespace(train=SimpleNamespace(max_grad_norm=1.0))
+    finite = [(PairwiseOutput(torch.tensor(0.5), torch.tensor(1.0), torch.tensor(0.1)), 2)]
+    assert step_problem(accelerator, model, recipe, finite) == "non-finite gradient norm"  # no scaler: a bad step
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+    try:
+        assert step_problem(accelerator, model, recipe, finite) is None
+        nan = [(PairwiseOutput(torch.tensor(float("nan")), torch.tensor(1.0), torch.tensor(0.1)), 2)]
+        assert step_problem(accelerator, model, recipe, nan) == "non-finite loss"  # a loss is never an overflow
+    finally:
+        accelerator.scaler = None
