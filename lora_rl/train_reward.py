@@ -255,8 +255,10 @@ class Window:
             self.sums, self.pairs = torch.tensor(state["sums"]), state["pairs"]
 
     def add(self, out, pairs: int) -> None:
-        values = torch.stack([out.loss.detach(), out.accuracy, out.margin.detach(), torch.tensor(1.0)]).cpu()
-        self.sums += values
+        """Summed where the outputs are (a GPU's): no host sync per micro-batch."""
+        loss = out.loss.detach().float()
+        values = torch.stack([loss, out.accuracy.float(), out.margin.detach().float(), torch.ones_like(loss)])
+        self.sums = self.sums.to(values.device) + values
         self.pairs += pairs
 
     def flush(self, accelerator, step: int, lr: float, now: float) -> dict:

@@ -6,9 +6,10 @@
 
 Checks, each in a fresh process on a built-in tiny model: train-reward; ppo with the shared and the adapter
 critic, with gradient checkpointing, full fine-tuning, and each reward source (function, reward adapter,
-separate reward model); merge (in memory and streaming); load (generations and --score). Then our side of
-the PPO and reward benchmarks (scripts/bench_ppo.py, bench_reward.py) at --bench-shape in bf16, and TRL's
-side where --trl-python names an environment with TRL. Each line: {"check", "ok", "seconds", "peak_gpu_gb",
+separate reward model); grpo with beta 0, and with beta > 0, checkpointing, rloo and two iterations; merge
+(in memory and streaming); load (generations and --score). Then our side of the PPO and reward benchmarks
+(scripts/bench_ppo.py, bench_reward.py) at --bench-shape in bf16, and TRL's side where --trl-python names an
+environment with TRL. Each line: {"check", "ok", "seconds", "peak_gpu_gb",
 "peak_rss_gb", ...}; the last line counts the failures, and the exit code is 1 if any check failed.
 """
 
@@ -26,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import BASELINES, ROOT  # noqa: E402
+
+sys.path.insert(1, str(ROOT))  # the output checks import lora_rl, also where it is not installed (a bare GPU box)
 
 # Runs argv as a script in this process and prints its peak memory last (GPU: torch's allocator high mark).
 PEAK_WRAPPER = """
@@ -45,6 +48,9 @@ sys.exit(code)
 """
 
 
+STDERR_TAIL = 25  # lines of a failed check's stderr shown (LORA_RL_DEBUG=1 makes them a traceback)
+
+
 def measure(name: str, argv: list[str], env: dict, check=None) -> dict:
     """Run argv (a Python script and its arguments) in a fresh process; one result line."""
     started = time.perf_counter()
@@ -55,6 +61,8 @@ def measure(name: str, argv: list[str], env: dict, check=None) -> dict:
     line = {"check": name, "ok": result.returncode == 0, "seconds": round(time.perf_counter() - started, 1), **peak}
     if result.returncode != 0:
         line["error"] = (result.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+        print(f"--- {name}: last lines of stderr\n" + "\n".join(result.stderr.splitlines()[-STDERR_TAIL:]),
+              file=sys.stderr, flush=True)  # fmt: skip
     elif check is not None:
         try:
             line.update(check())
@@ -82,12 +90,13 @@ def last_metrics(run: Path) -> dict:
     if bad:
         raise ValueError(f"non-finite metrics {bad}")
     verify(run / "final")
-    keep = ("reward", "kl", "loss", "accuracy", "approx_kl", "clip_fraction")
+    keep = ("reward", "kl", "loss", "accuracy", "approx_kl", "clip_fraction", "clip_ratio")
     return {k: round(v, 4) for k, v in last.items() if k in keep and isinstance(v, float)}
 
 
 def command_checks(work: Path, precision: str) -> list[tuple[str, list[str], object]]:
     reward, ppo = str(ROOT / "recipes/reward-demo.yaml"), str(ROOT / "recipes/ppo-demo.yaml")
+    grpo = str(ROOT / "recipes/grpo-demo.yaml")
     common = [f"train.mixed_precision={precision}"]
     short_ppo = [*common, "ppo.num_updates=3", "ppo.rollout_batch_size=16", "train.batch_size=8"]
     adapter = work / "reward" / "final"
@@ -95,6 +104,11 @@ def command_checks(work: Path, precision: str) -> list[tuple[str, list[str], obj
     def ppo_run(name: str, *overrides: str):
         out = work / slug(name)
         return name, lora_rl("ppo", ppo, f"output_dir={out}", *short_ppo, *overrides), lambda: last_metrics(out)
+
+    def grpo_run(name: str, *overrides: str):
+        out = work / slug(name)
+        argv = lora_rl("grpo", grpo, f"output_dir={out}", *common, "grpo.num_steps=3", *overrides)
+        return name, argv, lambda: last_metrics(out)
 
     return [
         (
@@ -121,6 +135,9 @@ def command_checks(work: Path, precision: str) -> list[tuple[str, list[str], obj
             f"reward.adapter={adapter}",
             "ppo.normalize_rewards=true",
         ),  # fmt: skip
+        grpo_run("grpo reward functions"),
+        grpo_run("grpo beta, checkpointing, rloo", "grpo.beta=0.04", "train.gradient_checkpointing=true",
+                 "grpo.advantage=rloo", "grpo.num_iterations=2"),  # fmt: skip
         (
             "merge in memory",
             lora_rl(
@@ -199,7 +216,8 @@ def _precision(precision: str) -> list[str]:
 
 
 def environment(cpu: bool) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # ROOT first, and whatever PYTHONPATH already holds after it (e.g. packages installed with --target)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
@@ -216,6 +234,7 @@ def main() -> None:
     )
     parser.add_argument("--bench-shape", choices=["qwen0.5b", "tiny", "none"], default=None,
                         help="benchmark shape (default: qwen0.5b on a GPU, tiny with --cpu; none skips)")  # fmt: skip
+    parser.add_argument("--only", nargs="*", default=None, help="run only the checks whose names contain a word")
     parser.add_argument("--trl-python", default=None, help="a Python with trl==1.12 installed: TRL's side too")
     args = parser.parse_args()
     import torch
@@ -231,7 +250,8 @@ def main() -> None:
         work, env = Path(tmp), environment(args.cpu)
         env["LORA_RL_HOME"] = str(work / "home")  # built-in models built fresh, as on a new machine
         for name, argv, check in command_checks(work, precision):
-            results.append(measure(name, argv, env, check))
+            if not args.only or any(word in name for word in args.only):
+                results.append(measure(name, argv, env, check))
         if shape != "none":
             results += bench_checks(work, shape, precision, env, args.trl_python)
     failed = [r["check"] for r in results if not r["ok"]]

@@ -253,3 +253,16 @@ def test_fp16_overflow_is_the_grad_scalers_skip_not_a_bad_step():
         assert step_problem(accelerator, model, recipe, nan) == "non-finite loss"  # a loss is never an overflow
     finally:
         accelerator.scaler = None
+
+
+def test_the_metrics_window_sums_on_the_device_of_the_outputs():
+    """On a GPU the loss lives on cuda: the window must not mix in a CPU tensor (it crashed every GPU run).
+    The meta device stands in for a GPU here: any CPU tensor mixed in raises as it would on cuda."""
+    from lora_rl.reward_model import PairwiseOutput
+    from lora_rl.train_reward import Window
+
+    window = Window()
+    on_meta = PairwiseOutput(*(torch.zeros((), device="meta") for _ in range(3)))
+    window.add(on_meta, pairs=4)
+    window.add(on_meta, pairs=4)
+    assert window.sums.device.type == "meta" and window.sums.shape == (4,) and window.pairs == 8
