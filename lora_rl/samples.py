@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lora_rl.rollout import Rollout, decode
 
 FILE = "samples.jsonl"
@@ -30,8 +32,8 @@ def pick(rollout: Rollout, rows: list[dict], tokenizer, count: int, update: int)
     # a few device-to-host copies, on sampled updates only
     responses = rollout.input_ids[index, rollout.prompt_width :].cpu()
     texts = decode(tokenizer, responses, rollout.mask[index].cpu())
-    scores, judged = rollout.scores[index].tolist(), rollout.judged[index].tolist()
-    parts = {name: values[index].tolist() for name, values in rollout.reward_parts.items()}
+    scores, judged = _readable(rollout.scores[index]), rollout.judged[index].tolist()
+    parts = {name: _readable(values[index]) for name, values in rollout.reward_parts.items()}
     records = []
     for k, i in enumerate(index):
         record = {"update": update, "prompt": rows[i]["prompt"], "completion": texts[k],
@@ -45,6 +47,11 @@ def _spread(size: int, count: int) -> list[int]:
     """`count` (at most `size`) row indices evenly spaced over `size` rows, the first one included."""
     taken = min(count, size)
     return [i * size // taken for i in range(taken)]
+
+
+def _readable(values: torch.Tensor) -> list[float]:
+    """float32 rewards as the shortest decimals that read back as them: -0.2, not -0.20000000298023224."""
+    return [float(str(value)) for value in values.float().cpu().numpy()]
 
 
 def log(accelerator, out: Path, records: list[dict[str, Any]]) -> None:
