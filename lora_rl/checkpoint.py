@@ -32,7 +32,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SAFE_WEIGHTS = (ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
 PARTIAL = ".lora-rl-partial"  # in a temporary checkpoint directory from its creation until its manifest is written
 RUN_RECORD = ".lora-rl-run.json"  # the run files lora-rl wrote in an output directory
-RUN_FILES = ("recipe.yaml", "metrics.jsonl")
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "samples.jsonl")
 
 
 class CheckpointError(Exception):
@@ -301,8 +301,8 @@ def start_run_dir(output_dir: str | Path, recipe, overwrite: bool, resuming: boo
                   restart: bool = False) -> Path:  # fmt: skip
     """Lock the run's output directory (creating it), check what is in it, and save the resolved recipe there.
 
-    What the run writes (recipe.yaml, metrics.jsonl, checkpoint-N/, final/) must be absent or lora-rl's, else
-    nothing is touched and the error names it. A previous run there is refused unless the run is resumed, or
+    What the run writes (RUN_FILES, checkpoint-N/, final/) must be absent or lora-rl's, else nothing is touched and
+    the error names it. A previous run there is refused unless the run is resumed, or
     `overwrite` (or `restart`: `--resume auto` found no checkpoint to continue) deletes it first.
     """
     from lora_rl.run_lock import release_lock, take_lock

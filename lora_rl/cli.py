@@ -184,8 +184,9 @@ def ppo(
     """Run PPO with a LoRA policy on one shared frozen base, from RECIPE.
 
     Prompts come from data.train_path (a 'prompt' column); scores from reward.adapter, reward.model or
-    reward.function. Writes metrics.jsonl, checkpoint-N/ every train.save_every updates and final/ (the
-    policy adapter, loadable with plain peft) to output_dir.
+    reward.function. Writes metrics.jsonl, samples.jsonl (prompts, completions, rewards every
+    train.samples_every updates), checkpoint-N/ every train.save_every updates and final/ (the policy adapter,
+    loadable with plain peft) to output_dir.
     """
     _rl("ppo", recipe, overrides, overwrite, resume, allow_changes)
 
@@ -202,7 +203,8 @@ def grpo(
 
     Each step samples grpo.num_generations completions for each of grpo.prompts_per_step prompts from
     data.train_path; scores come from reward.functions (TRL-style reward functions, weighted), reward.function,
-    reward.adapter or reward.model. Writes metrics.jsonl, checkpoint-N/ and final/ (the policy adapter).
+    reward.adapter or reward.model. Writes metrics.jsonl, samples.jsonl (prompts, completions, rewards),
+    checkpoint-N/ and final/ (the policy adapter).
     """
     _rl("grpo", recipe, overrides, overwrite, resume, allow_changes)
 

@@ -132,6 +132,10 @@ class TrainConfig:
     log_every: int = key(1, "optimizer steps between metric lines", POSITIVE_INT)
     report_to: list[Tracker] = key([], "experiment trackers (accelerate's) that get each metrics line too; "
                                    "their logs go under output_dir")  # fmt: skip
+    samples_every: int = key(10, "ppo, grpo: write a few prompts, completions and rewards to samples.jsonl (and the "
+                             "trackers) at update 1 and every N-th; 0: never", NON_NEGATIVE_INT)  # fmt: skip
+    num_samples: int = key(4, "ppo, grpo: completions written per sampled update, spread over the main process's "
+                           "batch", POSITIVE_INT)  # fmt: skip
     eval_every: int = key(0, "optimizer steps between evaluations; 0 evaluates only at the end", NON_NEGATIVE_INT)
     save_every: int = key(0, "optimizer steps (ppo: updates) between checkpoints; 0 saves only at the end",
                           NON_NEGATIVE_INT)  # fmt: skip

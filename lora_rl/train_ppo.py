@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lora_rl import checkpoint, display, ppo, run_lock, train_state
+from lora_rl import checkpoint, display, ppo, run_lock, samples, train_state
 from lora_rl.data import pad, tokenize_prompts
 from lora_rl.model import (
     Built,
@@ -89,8 +89,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
         train_state.load_optimizer_state(accelerator, trained, optimizer, optimizer_saved)
         position = Position(**saved["position"])
         objective.load_state_dict(saved)
-        if main:
+        if main:  # lines past the checkpoint are written again
             train_state.trim_metrics(out / "metrics.jsonl", "update", position.update)
+            train_state.trim_metrics(out / samples.FILE, "update", position.update)
 
     def save(name: str, update: int) -> Path:
         state = {"position": position.__dict__, **objective.state_dict()}
@@ -134,13 +135,16 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                                          f"{command}.max_bad_updates", main)  # fmt: skip
                 continue
             position.bad_in_a_row = 0
-            # (6) KL controller (ppo), group statistics (grpo); (7) log
+            # (6) KL controller (ppo), group statistics (grpo); (7) log, and what the policy wrote
             record = {"update": update, **rollout_metrics(accelerator, rollout),
                       **objective.after_update(accelerator, rollout, found), **stats,
                       "time_generate": timings.generate, "time_score": timings.score,
                       "time_train": time.perf_counter() - started}  # fmt: skip
             if main:
                 display.log_metrics(accelerator, out, record, "update")
+                if samples.due(update, recipe.train.samples_every):
+                    written = samples.pick(rollout, prompt_rows, built.tokenizer, recipe.train.num_samples, update)
+                    samples.log(accelerator, out, written)
             shown = {k: record[k] for k in ("reward", "kl") if k in record}
             progress.update(update, {**shown, "len": record["response_length"]})
             # (8) checkpoint, never from a skipped update

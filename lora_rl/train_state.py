@@ -312,8 +312,9 @@ def _get(tree: dict, dotted: str) -> Any:
 
 
 def trim_metrics(path: Path, key: str, last: int) -> None:
-    """Drop metric lines written after the checkpoint being resumed (they will be written again), atomically: a
-    kill meanwhile leaves the file as it was. A last line cut short (a kill while it was written) is dropped."""
+    """Drop the lines of a run's JSON-lines file (metrics.jsonl, samples.jsonl) whose `key` is past `last`, the
+    checkpoint being resumed (they will be written again), atomically: a kill meanwhile leaves the file as it was.
+    A last line cut short (a kill while it was written) is dropped."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines()

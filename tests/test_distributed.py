@@ -58,9 +58,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 def test_ppo_demo_runs_on_two_processes(tmp_path):
     out = tmp_path / "ppo"
     result = launch(2, "ppo", str(ROOT / "recipes/ppo-demo.yaml"), f"output_dir={out}", "ppo.num_updates=4",
-                    "ppo.rollout_batch_size=16", "train.save_every=2")  # fmt: skip
+                    "ppo.rollout_batch_size=16", "train.save_every=2", "train.samples_every=2",
+                    "train.num_samples=3")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["update"] for m in metrics(out)] == [1, 2, 3, 4]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["update"] for s in samples] == [1, 1, 1, 2, 2, 2, 4, 4, 4]  # the main process alone writes them
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert not (out / ".lora-rl.lock").exists()  # taken by the main process, released before its os._exit
     rng = load_file(out / "checkpoint-2" / "rng.safetensors")

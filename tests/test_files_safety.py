@@ -71,17 +71,20 @@ def test_plain_run_leaves_entries_it_did_not_write_alone(recipe, tmp_path):
 def test_overwrite_replaces_only_lora_rl_checkpoints(recipe, tmp_path):
     out = start_run_dir(tmp_path / "out", recipe, overwrite=False)
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "samples.jsonl").write_text('{"update": 1}\n')
     own_checkpoint(out / "checkpoint-2")
     foreign(out, "checkpoint-3")
     with pytest.raises(CheckpointError, match=f"{out / 'checkpoint-3'}: not written by lora-rl"):
         start_run_dir(out, recipe, overwrite=True)
     assert (out / "checkpoint-2").is_dir() and (out / "metrics.jsonl").is_file()  # nothing deleted before refusing
+    assert (out / "samples.jsonl").is_file()
     shutil.rmtree(out / "checkpoint-3")
     start_run_dir(out, recipe, overwrite=True)
     assert not (out / "checkpoint-2").exists() and not (out / "metrics.jsonl").exists()
+    assert not (out / "samples.jsonl").exists()
 
 
-def test_metrics_and_recipe_lora_rl_did_not_write_are_not_replaced(recipe, tmp_path):
+def test_run_files_lora_rl_did_not_write_are_not_replaced(recipe, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "recipe.yaml").write_text("the user's own recipe")
@@ -89,10 +92,12 @@ def test_metrics_and_recipe_lora_rl_did_not_write_are_not_replaced(recipe, tmp_p
         start_run_dir(out, recipe, overwrite=True)
     assert (out / "recipe.yaml").read_text() == "the user's own recipe"
     (out / "recipe.yaml").unlink()
-    (out / "metrics.jsonl").write_text("the user's\n")
-    with pytest.raises(CheckpointError, match=f"{out / 'metrics.jsonl'}: not written by lora-rl"):
-        start_run_dir(out, recipe, overwrite=True)
-    assert (out / "metrics.jsonl").read_text() == "the user's\n"
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        (out / name).write_text("the user's\n")
+        with pytest.raises(CheckpointError, match=f"{out / name}: not written by lora-rl"):
+            start_run_dir(out, recipe, overwrite=True)
+        assert (out / name).read_text() == "the user's\n"
+        (out / name).rename(out / f"{name}.kept")
 
 
 def test_symlinked_output_dir_touches_nothing_of_the_user_in_the_target(recipe, tmp_path):

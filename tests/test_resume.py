@@ -138,7 +138,7 @@ def test_resumed_ppo_run_equals_uninterrupted(tmp_path):
     overrides = [f"output_dir={tmp_path / 'full'}", f"data.train_path={ROOT / 'recipes/data/prompts-demo.jsonl'}",
                  "ppo.num_updates=6", "train.save_every=3", "critic.mode=adapter", "ppo.adaptive_kl=true",
                  "ppo.target_kl=0.1", "ppo.kl_horizon=100", "ppo.normalize_rewards=true", "ppo.rollout_batch_size=16",
-                 "train.batch_size=8"]  # fmt: skip
+                 "train.batch_size=8", "train.samples_every=2", "train.num_samples=2"]  # fmt: skip
     recipe = load_recipe(ROOT / "recipes/ppo-demo.yaml", overrides)
     full = train_ppo.run(recipe)
     crashed = tmp_path / "crashed"
@@ -152,3 +152,7 @@ def test_resumed_ppo_run_equals_uninterrupted(tmp_path):
     lines = without_timing(crashed / "metrics.jsonl")
     assert lines == without_timing(full.parent / "metrics.jsonl") and len(lines) == 6
     assert lines[0]["kl_coef"] != lines[-1]["kl_coef"]  # the adaptive coefficient moved: its state mattered
+    # samples of updates 4 and 6, past checkpoint-3, were dropped and written again: none twice, none stale
+    samples = (crashed / "samples.jsonl").read_text()
+    assert [json.loads(line)["update"] for line in samples.splitlines()] == [1, 1, 2, 2, 4, 4, 6, 6]
+    assert samples == (full.parent / "samples.jsonl").read_text()

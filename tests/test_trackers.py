@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util.tensor_util import make_ndarray
 from typer.testing import CliRunner
 
 from lora_rl.cli import app
@@ -27,6 +28,13 @@ def scalars(out, name: str) -> list[tuple[int, float]]:
     return [(event.step, event.value) for event in events.Scalars(name)]
 
 
+def texts(out, tag: str) -> list[tuple[int, str]]:
+    """(step, text) of a text summary in the TensorBoard run."""
+    events = EventAccumulator(str(out / "lora-rl"), size_guidance={"tensors": 0})
+    events.Reload()
+    return [(event.step, make_ndarray(event.tensor_proto).item().decode()) for event in events.Tensors(tag)]
+
+
 def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -34,11 +42,21 @@ def metrics(out) -> list[dict]:
 def test_ppo_reward_goes_to_tensorboard(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "ppo"
-    result = run("ppo", "ppo-demo.yaml", out, "ppo.num_updates=2", "train.report_to=[tensorboard]")
+    result = run("ppo", "ppo-demo.yaml", out, "ppo.num_updates=2", "train.report_to=[tensorboard]",
+                 "train.samples_every=2", "train.num_samples=2")  # fmt: skip
     assert result.exit_code == 0, result.output
     logged = scalars(out, "reward")
     assert [step for step, _ in logged] == [1, 2]
     assert [value for _, value in logged] == pytest.approx([m["reward"] for m in metrics(out)])
+    # samples.jsonl's lines as a markdown table in TensorBoard's text plugin, one per sampled update
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    tables = texts(out, "samples/text_summary")
+    assert [step for step, _ in tables] == [1, 2]
+    for step, table in tables:
+        rows = table.splitlines()[2:]
+        assert [row.split(" | ")[0] for row in rows] == [f"| {step}", f"| {step}"]
+        shown = [s for s in samples if s["update"] == step]
+        assert all(s["prompt"] in row and f"{s['reward']}" in row for s, row in zip(shown, rows, strict=True))
 
 
 def test_train_reward_splits_go_to_tensorboard(tmp_path, monkeypatch):
