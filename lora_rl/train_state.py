@@ -276,7 +276,9 @@ def start_trackers(accelerator, recipe: Recipe) -> None:
             flat[prefix[:-1]] = value if isinstance(value, int | float | str | bool) else str(value)
 
     flatten("", recipe.to_dict())
-    accelerator.init_trackers("lora-rl", config=flat, init_kwargs={"wandb": {"name": Path(recipe.output_dir).name}})
+    # accelerate's W&B tracker ignores project_dir: without `dir` its files land in the working directory
+    wandb = {"name": Path(recipe.output_dir).name, "dir": str(recipe.output_dir)}
+    accelerator.init_trackers("lora-rl", config=flat, init_kwargs={"wandb": wandb})
 
 
 def check_mixed_precision(precision: str) -> None:

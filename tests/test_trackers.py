@@ -88,3 +88,20 @@ def test_a_tracker_not_installed_is_named_before_loading(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "train.report_to: wandb is not installed; pip install wandb" in result.stderr
     assert not out.exists()
+
+
+def test_wandb_writes_under_output_dir(tmp_path):
+    """accelerate's W&B tracker ignores project_dir: the run's `dir` must name output_dir, or W&B's files land in
+    whatever directory the job started in."""
+    from lora_rl import train_state
+    from lora_rl.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "ppo-demo.yaml", [f"output_dir={tmp_path / 'run'}"])
+    calls = []
+
+    class Recorder:
+        def init_trackers(self, name, config=None, init_kwargs=None):
+            calls.append(init_kwargs)
+
+    train_state.start_trackers(Recorder(), recipe)
+    assert calls[0]["wandb"]["dir"] == str(tmp_path / "run")
