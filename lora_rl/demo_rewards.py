@@ -1,4 +1,5 @@
-"""Rule-based rewards for the demos: `praise` (ppo), `correct` and `one_word` (grpo).
+"""Rule-based rewards for the demos: `praise` (ppo), `correct` and `one_word` (grpo) on the built-in tiny models;
+`sentiment` (ppo) and `capital` (grpo) for the real-model recipes in recipes/smollm2/.
 
 A reward function receives the prompts and the completions (texts, after the first EOS is cut; messages for
 chat prompts), and, if it asks for them by name, the data's other columns (see lora_rl/rewards.py); it returns
@@ -50,3 +51,33 @@ def one_word(completions: list, **kwargs) -> list[float]:
 def _words(completion: str | list[dict]) -> list[str]:
     text = completion if isinstance(completion, str) else completion[-1]["content"]
     return text.lower().split()
+
+
+# The real-model recipes (recipes/smollm2/, data from scripts/make_smollm2_data.py).
+
+_analyzer = None
+
+
+def sentiment(completions: list[str], **kwargs) -> list[float]:
+    """VADER's compound sentiment of each completion, in [-1, 1] (trlx's ppo_sentiments task scores with a
+    DistilBERT IMDB classifier from a model hub; VADER is a lexicon and rules, shipped in its wheel: nothing is
+    downloaded, and scoring takes microseconds on a CPU)."""
+    global _analyzer
+    if _analyzer is None:
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise ImportError('the sentiment reward needs vaderSentiment: pip install "lora-rl[demo]"') from None
+        _analyzer = SentimentIntensityAnalyzer()
+    return [_analyzer.polarity_scores(text)["compound"] for text in completions]
+
+
+def capital(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """1.0 when the reply is the capital and nothing else (as the question asks; case and a final full stop
+    aside), 0.5 when it names the capital among other words, else 0.0."""
+    scores = []
+    for completion, city in zip(completions, answer, strict=True):
+        text = (completion if isinstance(completion, str) else completion[-1]["content"]).strip()
+        reply, city = text.rstrip(".!").strip().lower(), city.lower()
+        scores.append(1.0 if reply == city else 0.5 if city in text.lower() else 0.0)
+    return scores
