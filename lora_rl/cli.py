@@ -150,6 +150,7 @@ def validate(
             reward_command.check_inputs(resolved)
         else:
             rl_setup.check_inputs(resolved, recipe.parent, purpose.value)
+            display.print_warnings(rl_setup.chat_template_warnings(resolved))
         built = build(resolved, "reward" if purpose is Purpose.train_reward else "causal-lm")
         display.print_model_report(built.report)
 
@@ -275,17 +276,37 @@ def load(
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeatable.")] = None,
     prompts_file: Annotated[Path | None, typer.Option(help="A file with one prompt per line.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 32,
+    temperature: Annotated[float, typer.Option(help="0: greedy; > 0: sample at this temperature.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Sampling: nucleus mass; 1.0 is off.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sampling: the k likeliest tokens only; 0 is off.")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling: each completion is drawn from this seed.")] = 0,
+    chat_template: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            help="Format every prompt with the tokenizer's chat template, or none; default: as each adapter's "
+            "recipe.yaml says (the base column as the first adapter).",
+            show_default=False,
+        ),
+    ] = None,
     score: Annotated[bool, typer.Option("--score", help="Print rewards (reward adapters) instead.")] = False,
+    completion: Annotated[
+        list[str] | None,
+        typer.Option("--completion", help="With --score: the answer scored after each prompt; one per prompt."),
+    ] = None,
 ) -> None:
     """Load a base once, attach adapters, and compare the base and each adapter side by side.
 
-    Greedy completions of the prompts by the base (adapters disabled) and by each adapter in turn; with
-    --score, the rewards that each reward adapter gives the prompts.
+    Completions of the prompts by the base (adapters disabled) and by each adapter in turn, greedy unless
+    --temperature > 0; each prompt formatted as that adapter was trained (its recipe.yaml's chat_template). With
+    --score, the rewards that each reward adapter gives the prompts (and their --completion).
     """
     from lora_rl import load as command
 
+    sampling = command.Sampling(temperature, top_p, top_k, seed)
     with user_errors():
-        command.run(base_or_adapter, adapter or [], prompt or [], prompts_file, max_new_tokens, score)
+        command.run(base_or_adapter, adapter or [], prompt or [], prompts_file, max_new_tokens, score, sampling,
+                    chat_template, completion)  # fmt: skip
 
 
 @app.command()

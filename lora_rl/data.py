@@ -141,16 +141,25 @@ class Tokenized(NamedTuple):
     pairs: list[Pair]
     truncated: int  # pairs where chosen or rejected exceeded max_length
     dropped: int  # of those, how many were dropped (drop_long)
+    longest: int = 0  # tokenize_prompts: the longest prompt's length before truncation
 
 
-def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, drop_long: bool) -> Tokenized:
-    """Tokenize prompt+chosen and prompt+rejected (the prompt is prepended as is, as TRL does), each ending in
-    the EOS its reward is read at (reward_ids); a long text keeps its first tokens and the EOS."""
+def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, drop_long: bool,
+                   chat_template: bool = False) -> Tokenized:  # fmt: skip
+    """Tokenize prompt+chosen and prompt+rejected as reward_pair_ids does (plain: the prompt prepended as is, as
+    TRL does; chat_template: as ppo and grpo show a completion to a reward adapter), each ending in the EOS its
+    reward is read at; a long text keeps its first tokens and the EOS."""
     if not rows:
         return Tokenized([], 0, 0)
     prompts = [row.get("prompt") or "" for row in rows]
-    chosen = reward_ids(tokenizer, [p + row["chosen"] for p, row in zip(prompts, rows, strict=True)])
-    rejected = reward_ids(tokenizer, [p + row["rejected"] for p, row in zip(prompts, rows, strict=True)])
+    if chat_template:
+        check_chat_template(tokenizer, "data.chat_template is true")
+        unprompted = [number for number, prompt in enumerate(prompts, start=1) if not prompt]
+        if unprompted:  # a templated user message needs one: an empty turn is not what ppo ever shows
+            raise DataError([f"rows {_first(unprompted)}: no 'prompt'; data.chat_template: true formats each pair "
+                             "as a prompt (a user message) and its answer"])  # fmt: skip
+    chosen = reward_pair_ids(tokenizer, prompts, [row["chosen"] for row in rows], chat_template)
+    rejected = reward_pair_ids(tokenizer, prompts, [row["rejected"] for row in rows], chat_template)
     empty = [number for number, (c, r) in enumerate(zip(chosen, rejected, strict=True), start=1)
              if len(c) < 2 or len(r) < 2]  # fmt: skip
     if empty:  # nothing but the EOS to read a reward off; usually a tokenizer that does not fit the data
@@ -174,9 +183,43 @@ def with_eos(sequences: list[list[int]], eos_id: int) -> list[list[int]]:
 
 def reward_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """The token ids a reward model reads for each text: the tokenizer's ids (special tokens included), then EOS."""
+    return with_eos(tokenizer(texts)["input_ids"], _eos_id(tokenizer))
+
+
+def reward_pair_ids(tokenizer, prompts: list, texts: list[str], chat_template: bool) -> list[list[int]]:
+    """The token ids a reward model reads for each prompt and its answer `text`, then EOS.
+
+    Plain: prompt + text as one string (reward_ids). chat_template: exactly what ppo's reward adapter reads,
+    the prompt as the policy sees it (prompt_ids: a user message and the assistant header), then the answer's
+    own tokens as the policy samples them (no special tokens added), then EOS."""
+    if not chat_template:
+        return reward_ids(tokenizer, [p + t for p, t in zip(prompts, texts, strict=True)])
+    eos_id = _eos_id(tokenizer)
+    answers = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return with_eos([p + a for p, a in zip(prompt_ids(tokenizer, prompts, True), answers, strict=True)], eos_id)
+
+
+def _eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise DataError(["the tokenizer has no EOS token; a reward is read at an EOS appended to each text"])
-    return with_eos(tokenizer(texts)["input_ids"], tokenizer.eos_token_id)
+    return tokenizer.eos_token_id
+
+
+def check_chat_template(tokenizer, asked_by: str) -> None:
+    """A chat template asked for (`asked_by` says by what) where the tokenizer has none: one line, exit 2."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError([f"{asked_by}, but the tokenizer has no chat template"])
+
+
+def prompt_ids(tokenizer, prompts: list, chat_template: bool) -> list[list[int]]:
+    """Token ids per prompt as the policy sees it: a text as is (the tokenizer's special tokens included), or
+    through the chat template as a user message followed by the assistant's header; a list of chat messages
+    always goes through the template."""
+    if not chat_template and not (prompts and isinstance(prompts[0], list)):
+        return tokenizer(prompts)["input_ids"]
+    messages = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+    return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+            for m in messages]  # fmt: skip
 
 
 def _keep_last(ids: list[int], max_length: int) -> list[int]:
@@ -255,24 +298,17 @@ def _margins(pairs: list[Pair]) -> torch.Tensor:
 
 
 def tokenize_prompts(prompts: list, tokenizer, max_length: int, chat_template: bool) -> Tokenized:
-    """Token ids per prompt: a text (through the chat template as a user message when asked), or a list of chat
-    messages (always through the chat template); longer prompts keep their last max_length tokens, since
-    generation continues from the end. Returned as Tokenized(pairs=ids, ...)."""
-    chat = isinstance(prompts[0], list) if prompts else False
-    if (chat or chat_template) and not getattr(tokenizer, "chat_template", None):
-        raise DataError(["prompts are chat messages or generation.chat_template is true, but the tokenizer has no "
-                         "chat template"])  # fmt: skip
-    if chat or chat_template:
-        messages = [p if chat else [{"role": "user", "content": p}] for p in prompts]
-        ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
-               for m in messages]  # fmt: skip
-    else:
-        ids = tokenizer(prompts)["input_ids"]
+    """Token ids per prompt (prompt_ids): a text (through the chat template as a user message when asked), or a
+    list of chat messages (always through the chat template); longer prompts keep their last max_length tokens,
+    since generation continues from the end. Returned as Tokenized(pairs=ids, ...), with the longest length."""
+    if chat_template or (prompts and isinstance(prompts[0], list)):
+        check_chat_template(tokenizer, "prompts are chat messages or generation.chat_template is true")
+    ids = prompt_ids(tokenizer, prompts, chat_template)
     empty = [number for number, seq in enumerate(ids, start=1) if not seq]
     if empty:
         raise DataError([f"rows {_first(empty)}: prompt tokenizes to zero tokens; check the tokenizer and the data"])
     truncated = sum(len(seq) > max_length for seq in ids)
-    return Tokenized([seq[-max_length:] for seq in ids], truncated, 0)
+    return Tokenized([seq[-max_length:] for seq in ids], truncated, 0, max(map(len, ids), default=0))
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -99,6 +99,11 @@ class DataConfig:
                                UNIT_INTERVAL_OPEN)  # fmt: skip
     max_length: int = key(512, "tokens per sequence; longer ones are truncated", POSITIVE_INT)
     drop_long: bool = key(False, "drop pairs longer than max_length instead of truncating them (both are counted)")
+    chat_template: bool = key(
+        False,
+        "train-reward: each pair's prompt as a user message of the tokenizer's chat template, then the answer, as "
+        "ppo/grpo show a completion to the reward; match the policy's generation.chat_template",
+    )
 
 
 @dataclass(frozen=True)
@@ -370,6 +375,19 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     if changed:
         return [f"actor.model.{', '.join(changed)}: ignored because is_lora is false (full fine-tuning)"]
     return []
+
+
+def trained_chat_template(directory: str | Path, dotted: str) -> bool | None:
+    """The chat-template setting `dotted` (data.chat_template: a reward model; generation.chat_template: a policy)
+    in the recipe.yaml lora-rl saved with the adapter or model in `directory`; None when there is none (made by
+    another tool). A recipe saved before the key existed trained with its default, false."""
+    path = Path(directory) / "recipe.yaml"
+    if not path.is_file():
+        return None
+    node: Any = read_yaml(path)
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node is True
 
 
 # ---------------------------------------------------------------- validation

@@ -12,7 +12,8 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from lora_rl import checkpoint, train_state
+from lora_rl import builtin, checkpoint, train_state
+from lora_rl.data import check_chat_template
 from lora_rl.model import (
     Built,
     check_model_dir,
@@ -24,7 +25,7 @@ from lora_rl.model import (
     load_tokenizer,
     resolve_path,
 )
-from lora_rl.recipe import Recipe, RecipeError
+from lora_rl.recipe import Recipe, RecipeError, trained_chat_template
 from lora_rl.reward_model import RewardModel
 from lora_rl.rewards import RewardError, RewardTerm, check_terms, data_columns, load_prompt_rows
 from lora_rl.roles import (
@@ -165,7 +166,7 @@ def setup_roles(built: Built, recipe: Recipe, terms: list[RewardTerm] | None, sc
     if recipe.reward.adapter:
         roles.reward_head = attach_reward_adapter(model, recipe.reward.adapter)
     elif recipe.reward.model:
-        roles.reward_model, roles.reward_tokenizer = load_reward_model(recipe)
+        roles.reward_model, roles.reward_tokenizer, roles.reward_chat_template = load_reward_model(recipe)
     roles.reward_terms = terms
     if resume_dir:
         load_critic(roles, resume_dir)
@@ -187,9 +188,32 @@ def load_critic(roles: Roles, directory: Path) -> None:
 
 
 def load_reward_model(recipe: Recipe):
-    """A separate sequence classifier, frozen; read at an EOS after each text, as train-reward reads it."""
+    """A separate sequence classifier, frozen; read at an EOS after each text, as train-reward reads it, and with
+    the prompt in the chat template when its saved recipe says it trained so."""
     cfg = dataclasses.replace(recipe.actor.model, path=recipe.reward.model)
     path = resolve_path(cfg)
     tokenizer = load_tokenizer(path, cfg)
+    chat_template = bool(trained_chat_template(path, "data.chat_template"))
+    if chat_template:
+        check_chat_template(tokenizer, f"reward.model: {path}/recipe.yaml says data.chat_template: true")
     model = load_base(path, cfg, "reward", tokenizer).requires_grad_(False).eval()
-    return RewardModel(model, classifier_head_name(model)), tokenizer
+    return RewardModel(model, classifier_head_name(model)), tokenizer, chat_template
+
+
+def chat_template_warnings(recipe: Recipe) -> list[str]:
+    """A reward adapter or model trained with another chat-template setting than the policy samples with, from
+    its saved recipe.yaml. The adapter reads the policy's own token ids, so it scores text formatted unlike its
+    training; a separate model re-tokenizes, and gets its prompts formatted as it was trained."""
+    policy = recipe.generation.chat_template
+    reward = recipe.reward
+    source = reward.adapter or (reward.model if reward.model not in builtin.NAMES else None)
+    trained = trained_chat_template(source, "data.chat_template") if source else None
+    if trained is None or trained == policy:
+        return []
+    key = "reward.adapter" if reward.adapter else "reward.model"
+    mismatch = (f"{key} {source} was trained with data.chat_template: {str(trained).lower()} (its recipe.yaml), the "
+                f"policy samples with generation.chat_template: {str(policy).lower()}")  # fmt: skip
+    if reward.adapter:
+        return [f"{mismatch}: it reads the policy's tokens, formatted unlike its training pairs; train it with "
+                f"data.chat_template: {str(policy).lower()}"]  # fmt: skip
+    return [f"{mismatch}: its prompts are formatted for it as it was trained"]

@@ -55,6 +55,7 @@ class Roles:
     reward_head: nn.Linear | None = None  # the reward adapter's score layer
     reward_model: nn.Module | None = None  # a separate sequence classifier (lora_rl.reward_model.RewardModel)
     reward_tokenizer: object = None
+    reward_chat_template: bool = False  # the separate reward model reads prompts in the chat template
     reward_terms: list[RewardTerm] | None = None  # reward functions with their weights
     reference_model: nn.Module | None = None  # full fine-tuning only: the frozen base
     trainable: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
@@ -208,11 +209,17 @@ def search_path(directories: list[Path]) -> Iterator[None]:
 def adapter_rewards(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
     """(B,) scores from the reward adapter: its hidden state at an EOS after each row's real tokens (the sampled
     one, or one appended to a completion cut without it) -> score head."""
-    rows = [row[real.bool()].tolist() for row, real in zip(input_ids, attention_mask, strict=True)]  # B syncs: small
-    ids, mask = (t.to(input_ids.device) for t in pad(with_eos(rows, eos_id), eos_id, "right"))
+    ids, mask = (t.to(input_ids.device) for t in pad(reward_rows(input_ids, attention_mask, eos_id), eos_id, "right"))
     with roles.use(REWARD):
         last = at_last_token(hidden_states(roles.model, ids, mask), mask)
     return roles.reward_head(last.to(roles.reward_head.weight.dtype)).squeeze(-1).float()
+
+
+def reward_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_id: int) -> list[list[int]]:
+    """The ids the reward adapter reads for each (B, P+R) rollout row: its real prompt and response tokens, then
+    an EOS unless the response ends with one (data.reward_pair_ids gives train-reward the same ids)."""
+    rows = [row[real.bool()].tolist() for row, real in zip(input_ids, attention_mask, strict=True)]  # B syncs: small
+    return with_eos(rows, eos_id)
 
 
 class ActorCriticOutput(NamedTuple):

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from lora_rl import ppo
-from lora_rl.data import pad, reward_ids
+from lora_rl.data import pad, reward_pair_ids
 from lora_rl.lm_head import output_layer
 from lora_rl.recipe import GenerationConfig
 from lora_rl.reward_model import RewardModel
@@ -104,7 +104,7 @@ def score(roles: Roles, tokenizer, rows: list[dict], responses: torch.Tensor, ma
         return score_functions(roles.reward_terms, rows, completions, ids, state, responses.device)
     prompts = [row["prompt"] for row in rows]
     return _every_row(model_rewards(roles.reward_model, roles.reward_tokenizer, prompts, completions,
-                                    responses.device))  # fmt: skip
+                                    responses.device, roles.reward_chat_template))  # fmt: skip
 
 
 def _every_row(scores: torch.Tensor) -> FunctionRewards:
@@ -117,9 +117,10 @@ def decode(tokenizer, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 
 @torch.no_grad()
-def model_rewards(model: RewardModel, tokenizer, prompts: list[str], completions: list[str], device) -> torch.Tensor:
-    """Scores from a separate reward model, which may tokenize differently: texts are re-tokenized for it (and
-    read at an EOS after them, as train-reward reads them)."""
-    ids = reward_ids(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
+def model_rewards(model: RewardModel, tokenizer, prompts: list, completions: list[str], device,
+                  chat_template: bool = False) -> torch.Tensor:  # fmt: skip
+    """Scores from a separate reward model, which may tokenize differently: prompt and completion are re-tokenized
+    for it as it was trained (chat_template: its recipe's data.chat_template), read at an EOS after them."""
+    ids = reward_pair_ids(tokenizer, prompts, completions, chat_template)
     input_ids, attention_mask = pad(ids, tokenizer.pad_token_id, "right")
     return model(input_ids.to(device), attention_mask.to(device))

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_rl import checkpoint, display, ppo, run_lock, samples, train_state
-from lora_rl.data import pad, tokenize_prompts
+from lora_rl.data import Tokenized, pad, tokenize_prompts
 from lora_rl.model import (
     Built,
     base_fingerprint,
@@ -32,7 +32,7 @@ from lora_rl.rewards import (
     StepState,
     reward_metrics,
 )
-from lora_rl.rl_setup import Schedule, check_inputs, check_launch, schedule_of, setup_roles
+from lora_rl.rl_setup import Schedule, chat_template_warnings, check_inputs, check_launch, schedule_of, setup_roles
 from lora_rl.roles import (
     CRITIC,
     ActorCritic,
@@ -64,6 +64,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                               **train_state.tracker_options(recipe))  # fmt: skip
     check_launch(accelerator, recipe, schedule, len(rows))
     main = accelerator.is_main_process
+    if main:
+        display.print_warnings(chat_template_warnings(recipe))
     out = train_state.start_output(accelerator, recipe, overwrite, resume_dir, resume, unit="update")
     train_state.start_trackers(accelerator, recipe)
 
@@ -178,11 +180,10 @@ class PromptBatches:
 
     def __init__(self, rows: list[dict], tokenizer, recipe: Recipe, schedule: Schedule, accelerator):
         prompts = [row["prompt"] for row in rows]
-        tokenized = tokenize_prompts(prompts, tokenizer, recipe.data.max_length, recipe.generation.chat_template)
+        templated = recipe.generation.chat_template or bool(prompts and isinstance(prompts[0], list))
+        tokenized = tokenize_prompts(prompts, tokenizer, recipe.data.max_length, templated)
         if tokenized.truncated and accelerator.is_main_process:
-            display.print_warnings(
-                [f"{tokenized.truncated} prompts exceed data.max_length: their last tokens are kept"]
-            )
+            display.print_warnings([truncation_warning(tokenized, recipe.data.max_length, templated)])
         self.rows, self.ids, self.pad_id = rows, tokenized.pairs, tokenizer.pad_token_id
         self.size, self.repeat, self.seed = schedule.prompts, schedule.generations, recipe.seed
         self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -198,6 +199,15 @@ class PromptBatches:
         position.offset += per_update
         ids, mask = pad([self.ids[i] for i in chosen], self.pad_id, "left")  # generation continues at the end
         return [self.rows[i] for i in chosen], ids.to(self.device), mask.to(self.device)
+
+
+def truncation_warning(tokenized: Tokenized, max_length: int, templated: bool) -> str:
+    """Prompts keep their last max_length tokens; in the chat template that cuts the template's start."""
+    if not templated:
+        return f"{tokenized.truncated} prompts exceed data.max_length: their last tokens are kept"
+    return (f"{tokenized.truncated} prompts exceed data.max_length ({max_length}) in the chat template (the longest: "
+            f"{tokenized.longest} tokens): their last tokens are kept, so the template's start (system prompt, role "
+            f"header) is cut; raise data.max_length to {tokenized.longest}")  # fmt: skip
 
 
 # ---------------------------------------------------------------- one update

@@ -211,7 +211,8 @@ def load_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:
 
 
 def tokenize(rows: list[dict], built: Built, recipe: Recipe, split: str, main: bool) -> list[Pair]:
-    result = tokenize_pairs(rows, built.tokenizer, recipe.data.max_length, recipe.data.drop_long)
+    data = recipe.data
+    result = tokenize_pairs(rows, built.tokenizer, data.max_length, data.drop_long, data.chat_template)
     if result.truncated and main:
         action = "dropped" if recipe.data.drop_long else "truncated"
         limit = recipe.data.max_length

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
@@ -41,17 +43,45 @@ def make_adapter(path: Path, base: str, seed: int, reward: bool = False, **lora)
     return path
 
 
-@torch.no_grad()
-def greedy(model, texts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions by a model used alone: the reference for each column."""
+def generated(model, prompts: list[list[int]], max_new_tokens: int, seed: int | None = None, **sampling) -> list[str]:
+    """Completions of token-id prompts by a model used alone: greedy, or sampled after seeding with `seed`."""
     tokenizer = AutoTokenizer.from_pretrained(builtin.materialize("tiny-llama"))
     outputs = []
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt").input_ids
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=0)  # fmt: skip
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=seed is not None, pad_token_id=0, **sampling)  # fmt: skip
         outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return outputs
+
+
+def alone(adapter: Path | None, reward: bool = False):
+    """The tiny Llama by itself, or with one adapter by plain peft."""
+    kwargs = {"num_labels": 1, "pad_token_id": 0} if reward else {}
+    cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    base = quiet(cls.from_pretrained, builtin.materialize("tiny-llama"), **kwargs)
+    return quiet(PeftModel.from_pretrained, base, adapter) if adapter else base
+
+
+def saved_with(directory: Path, adapter: Path, recipe: dict) -> Path:
+    """A copy of `adapter` with the recipe.yaml lora-rl saves next to every adapter it trains."""
+    shutil.copytree(adapter, directory)
+    (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return directory
+
+
+def templated(texts: list[str]) -> list[list[int]]:
+    """Each text as a user message of the tiny chat template, the assistant's header after it."""
+    tokenizer = AutoTokenizer.from_pretrained(builtin.materialize("tiny-llama"))
+    return [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for text in texts]  # fmt: skip
+
+
+def plain(texts: list[str]) -> list[list[int]]:
+    return AutoTokenizer.from_pretrained(builtin.materialize("tiny-llama"))(texts)["input_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +99,9 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 def test_switching_adapters_changes_outputs_and_the_base_row_is_the_base(adapters):
     columns = load.run("tiny-llama", [f"a={adapters['a']}", f"b={adapters['b']}"], PROMPTS, None, 8)
     assert list(columns) == ["base", "a", "b"]
-    base = builtin.materialize("tiny-llama")
-    assert columns["base"] == greedy(quiet(AutoModelForCausalLM.from_pretrained, base), PROMPTS, 8)
+    assert columns["base"] == generated(alone(None), plain(PROMPTS), 8)
     for name in ("a", "b"):
-        alone = quiet(PeftModel.from_pretrained, quiet(AutoModelForCausalLM.from_pretrained, base), adapters[name])
-        assert columns[name] == greedy(alone, PROMPTS, 8), name
+        assert columns[name] == generated(alone(adapters[name]), plain(PROMPTS), 8), name
     assert columns["a"] != columns["base"] and columns["b"] != columns["base"] and columns["a"] != columns["b"]
 
 
@@ -99,9 +127,80 @@ def test_cli_adapter_as_first_argument_and_prompts_file(adapters, tmp_path):
                                  "--max-new-tokens", "4"], env={"COLUMNS": "200"})  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].strip() == f"{builtin.materialize('tiny-gpt2')}: greedy completions, up to 4 new tokens"
+    caption = f"{builtin.materialize('tiny-gpt2')}: greedy completions, up to 4 new tokens; prompts as plain text"
+    assert lines[0].strip() == caption
     assert [cell.strip() for cell in lines[2].split("┃")[1:-1]] == ["prompt", "base", "gpt2"]  # the header row
     assert "one two [bold]three" in result.stdout  # user text is shown as written, not read as markup
+
+
+def test_sampling_draws_every_cell_from_the_seed(adapters):
+    sampling = load.Sampling(temperature=1.5, top_k=40, seed=7)
+    columns = load.run("tiny-llama", [f"a={adapters['a']}"], PROMPTS, None, 8, sampling=sampling)
+    for name, adapter in (("base", None), ("a", adapters["a"])):
+        expected = generated(alone(adapter), plain(PROMPTS), 8, seed=7, temperature=1.5, top_k=40, top_p=1.0)
+        assert columns[name] == expected, name
+    assert load.run("tiny-llama", [f"a={adapters['a']}"], PROMPTS, None, 8, sampling=sampling) == columns
+    other_seed = load.run("tiny-llama", [], PROMPTS, None, 8, sampling=sampling._replace(seed=8))
+    assert other_seed["base"] != columns["base"]
+    assert columns["base"] != load.run("tiny-llama", [], PROMPTS, None, 8)["base"]  # greedy by default
+
+
+def test_each_column_formats_prompts_as_its_adapter_trained(adapters, tmp_path):
+    chat = saved_with(tmp_path / "chat", adapters["a"], {"generation": {"chat_template": True}})
+    result = runner.invoke(app, ["load", "tiny-llama", "--adapter", f"chat={chat}", "--adapter", f"b={adapters['b']}",
+                                 *(arg for p in PROMPTS for arg in ("--prompt", p)), "--max-new-tokens", "8"],
+                           env={"COLUMNS": "400"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].endswith(
+        "greedy completions, up to 8 new tokens; prompts in the chat template for base, chat, as plain text for b"
+    )
+    columns = load.run("tiny-llama", [f"chat={chat}", f"b={adapters['b']}"], PROMPTS, None, 8)
+    assert columns["chat"] == generated(alone(adapters["a"]), templated(PROMPTS), 8)
+    assert columns["base"] == generated(alone(None), templated(PROMPTS), 8)  # the base follows the first adapter
+    assert columns["b"] == generated(alone(adapters["b"]), plain(PROMPTS), 8)  # no recipe.yaml: plain text
+    # the base (seeded, unlike the fixture's adapters) shows that the template changes what is generated
+    assert columns["base"] != generated(alone(None), plain(PROMPTS), 8)
+    overridden = load.run("tiny-llama", [f"chat={chat}", f"b={adapters['b']}"], PROMPTS, None, 8, chat_template=False)
+    assert overridden["chat"] == generated(alone(adapters["a"]), plain(PROMPTS), 8)
+    forced = load.run("tiny-llama", [f"b={adapters['b']}"], PROMPTS, None, 8, chat_template=True)
+    assert forced["b"] == generated(alone(adapters["b"]), templated(PROMPTS), 8)
+
+
+ANSWERS = ["good", "fine thanks", "four"]
+
+
+def test_each_reward_adapter_scores_as_it_trained(adapters, tmp_path):
+    chat = saved_with(tmp_path / "chat", adapters["r1"], {"data": {"chat_template": True}})
+    columns = load.run("tiny-llama", [f"chat={chat}", f"r2={adapters['r2']}"], PROMPTS, None, score=True,
+                       completions=ANSWERS)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(builtin.materialize("tiny-llama"))
+    answers = tokenizer(ANSWERS, add_special_tokens=False)["input_ids"]
+    read = {"chat": [p + a + [tokenizer.eos_token_id] for p, a in zip(templated(PROMPTS), answers, strict=True)],
+            "r2": plain([p + a + tokenizer.eos_token for p, a in zip(PROMPTS, ANSWERS, strict=True)])}  # fmt: skip
+    for name, adapter in (("chat", adapters["r1"]), ("r2", adapters["r2"])):
+        model = alone(adapter, reward=True)
+        with torch.no_grad():  # one text at a time: no padding involved
+            expected = [model(input_ids=torch.tensor([ids])).logits.item() for ids in read[name]]
+        assert columns[name] == pytest.approx(expected, abs=1e-5), name
+
+
+def test_a_template_the_tokenizer_lacks_or_an_unanswered_templated_reward_is_one_line(adapters, tmp_path):
+    no_template = tmp_path / "base"
+    shutil.copytree(builtin.materialize("tiny-llama"), no_template)
+    (no_template / "chat_template.jinja").unlink()
+    chat = saved_with(tmp_path / "chat", adapters["a"], {"generation": {"chat_template": True}})
+    reward = saved_with(tmp_path / "reward", adapters["r1"], {"data": {"chat_template": True}})
+    cases = {
+        "--chat-template, but the tokenizer has no chat template": [str(no_template), "--chat-template"],
+        "adapter chat was trained with generation.chat_template: true (its recipe.yaml), but the tokenizer has no "
+        "chat template": [str(no_template), "--adapter", f"chat={chat}"],
+        "adapter r was trained with data.chat_template: true (its recipe.yaml): a templated reward reads a prompt and "
+        "its answer; give each --prompt its --completion": ["tiny-llama", "--adapter", f"r={reward}", "--score"],
+    }
+    for expected, args in cases.items():
+        result = runner.invoke(app, ["load", *args, "--prompt", "x"], env={"COLUMNS": "400"})
+        assert result.exit_code == 2, result.output
+        assert result.stderr.splitlines() == [f"error: {expected}"]
 
 
 ERRORS = {
@@ -129,6 +228,15 @@ ERRORS = {
                             "adapter a ({a}) is a causal-LM adapter; --score takes reward adapters"),
     "--score alone": (lambda a, t: ["tiny-llama", "--prompt", "x", "--score"],
                       "--score needs at least one reward adapter (--adapter NAME=DIR)"),
+    "--completion without --score": (lambda a, t: ["tiny-llama", "--prompt", "x", "--completion", "y"],
+                                      "--completion goes with --score (the answer scored after each prompt)"),
+    "a --completion short": (lambda a, t: ["tiny-llama", "--adapter", f"r={a['r1']}", "--score", "--prompt", "x",
+                                           "--prompt", "y", "--completion", "z"],
+                             "--completion: got 1 for 2 prompts; expected one per prompt"),
+    "--top-p when greedy": (lambda a, t: ["tiny-llama", "--prompt", "x", "--top-p", "0.9"],
+                            "--top-p and --top-k shape sampling; generation is greedy unless --temperature > 0"),
+    "negative temperature": (lambda a, t: ["tiny-llama", "--prompt", "x", "--temperature", "-1"],
+                             "--temperature: got -1.0; expected 0 (greedy) or a number > 0 (sampling)"),
 }  # fmt: skip
 
 

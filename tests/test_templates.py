@@ -98,6 +98,8 @@ def test_template_fits_its_family(template, family_dir, tmp_path):
     assert recipe.actor.model.dtype == "bfloat16"
     if HEADS[name] == "causal-lm":
         assert recipe.generation.chat_template  # instruct models: prompts as chat
+    else:
+        assert recipe.data.chat_template  # pairs formatted as the family's ppo and grpo present completions
 
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: str(p.relative_to(TEMPLATE_DIR)))

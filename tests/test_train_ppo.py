@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from lora_rl import ppo, rl_setup, train_ppo
@@ -18,6 +21,7 @@ from lora_rl.objectives import Advantages, PPOObjective
 from lora_rl.recipe import RecipeError
 from lora_rl.roles import ActorCritic, reference_logprobs
 from lora_rl.rollout import collect
+from tests.test_load import make_adapter
 from tests.test_roles import ROOT, ppo_recipe, randomize, roles_for, rows
 
 PROMPTS = ["what about the cat ?", "tell about the sea ?", "why about the sun ?", "give about the book ?"]
@@ -181,10 +185,17 @@ def test_reward_adapter_and_reward_model_sources_run(tmp_path, gpt2_dir):
     trained = run_cli("train-reward", str(ROOT / "recipes/reward-demo.yaml"), f"output_dir={reward_dir}",
                       f"data.train_path={ROOT / 'recipes/data/reward-demo.jsonl'}", "train.max_steps=2")  # fmt: skip
     assert trained.exit_code == 0, trained.output
+    # the policy samples in the chat template; the reward adapter trained on plain pairs (its recipe.yaml says so)
+    mismatch = (f"warning: reward.adapter {reward_dir / 'final'} was trained with data.chat_template: false (its "
+                "recipe.yaml), the policy samples with generation.chat_template: true: it reads the policy's tokens, "
+                "formatted unlike its training pairs; train it with data.chat_template: true")  # fmt: skip
     for source in (f"reward.adapter={reward_dir / 'final'}", f"reward.model={gpt2_dir}"):
-        result, out = demo(tmp_path / source.split("=")[0], "ppo.num_updates=2", "reward.function=null", source)
+        result, out = demo(tmp_path / source.split("=")[0], "ppo.num_updates=2", "reward.function=null", source,
+                           "generation.chat_template=true")  # fmt: skip
         assert result.exit_code == 0, result.output
         assert len(metrics(out)) == 2
+        warned = [line for line in result.stderr.splitlines() if "chat_template" in line]
+        assert warned == ([mismatch] if "adapter" in source else []), source  # gpt2_dir: no recipe.yaml, no claim
 
 
 def test_initial_adapter_reference_starts_at_zero_kl(tmp_path):
@@ -268,3 +279,53 @@ def test_pipeline_reward_model_score_of_policy_rises(tmp_path):
     assert result.exit_code == 0, result.output
     rewards = [m["reward"] for m in metrics(out)]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.25
+
+
+def prompt_batches_warning(write_recipe, llama_dir, capsys, max_length: int, chat_template: bool) -> str:
+    """What PromptBatches warns about one prompt: 6 tokens as plain text, 9 in the tiny chat template."""
+    recipe = ppo_recipe(write_recipe, data={"max_length": max_length}, generation={"chat_template": chat_template})
+    accelerator = SimpleNamespace(is_main_process=True, process_index=0, num_processes=1, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    schedule = rl_setup.schedule_of(recipe, "ppo")
+    train_ppo.PromptBatches([{"prompt": "what about the cat ?"}], tokenizer, recipe, schedule, accelerator)
+    return capsys.readouterr().err.strip()
+
+
+def test_long_templated_prompts_warn_that_the_templates_start_is_cut(write_recipe, llama_dir, capsys):
+    assert prompt_batches_warning(write_recipe, llama_dir, capsys, 8, chat_template=True) == (
+        "warning: 1 prompts exceed data.max_length (8) in the chat template (the longest: 9 tokens): their last "
+        "tokens are kept, so the template's start (system prompt, role header) is cut; raise data.max_length to 9"
+    )
+    assert prompt_batches_warning(write_recipe, llama_dir, capsys, 4, chat_template=False) == (
+        "warning: 1 prompts exceed data.max_length: their last tokens are kept"  # plain text: the prompt's start
+    )
+
+
+def saved_with(directory: Path, source: Path, recipe: dict) -> Path:
+    """A copy of the model or adapter in `source` with a recipe.yaml as lora-rl saves next to its outputs."""
+    shutil.copytree(source, directory)
+    (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return directory
+
+
+def test_reward_model_trained_in_the_chat_template_reads_it_and_says_so(write_recipe, gpt2_dir, tmp_path):
+    reward_model = saved_with(tmp_path / "rm", gpt2_dir, {"data": {"chat_template": True}})
+    recipe = ppo_recipe(write_recipe, reward={"function": None, "model": str(reward_model)})
+    assert rl_setup.chat_template_warnings(recipe) == [
+        f"reward.model {reward_model} was trained with data.chat_template: true (its recipe.yaml), the policy samples "
+        "with generation.chat_template: false: its prompts are formatted for it as it was trained"
+    ]
+    assert rl_setup.load_reward_model(recipe)[2] is True  # model_rewards then templates the prompt for it
+    agreeing = ppo_recipe(write_recipe, reward={"function": None, "model": str(reward_model)},
+                          generation={"chat_template": True})  # fmt: skip
+    assert rl_setup.chat_template_warnings(agreeing) == []
+
+
+def test_validate_reports_a_reward_adapter_trained_without_the_template(write_recipe, tmp_path):
+    adapter = saved_with(tmp_path / "r", make_adapter(tmp_path / "plain", "tiny-llama", 1, reward=True),
+                         {"data": {"chat_template": False}})  # fmt: skip
+    recipe = write_recipe({"reward": {"adapter": str(adapter)}, "generation": {"chat_template": True},
+                           "data": {"train_path": str(ROOT / "recipes/data/prompts-demo.jsonl")}})  # fmt: skip
+    result = run_cli("validate", "--for", "ppo", str(recipe))
+    assert result.exit_code == 0, result.output
+    assert f"warning: reward.adapter {adapter} was trained with data.chat_template: false" in result.stderr

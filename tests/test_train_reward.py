@@ -13,12 +13,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
-from lora_rl import train_reward
+from lora_rl import ppo, train_reward
 from lora_rl.checkpoint import CheckpointError, verify
 from lora_rl.cli import app
-from lora_rl.data import PairCollator, load_pairs, tokenize_pairs
+from lora_rl.data import DataError, PairCollator, load_pairs, pad, tokenize_pairs, tokenize_prompts
 from lora_rl.recipe import RecipeError, load_recipe
 from lora_rl.reward_model import bradley_terry
+from lora_rl.roles import reward_rows
+from lora_rl.rollout import model_rewards
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PAIRS = [json.loads(line) for line in (ROOT / "recipes/data/reward-demo.jsonl").read_text().splitlines()]
@@ -266,3 +268,50 @@ def test_the_metrics_window_sums_on_the_device_of_the_outputs():
     window.add(on_meta, pairs=4)
     window.add(on_meta, pairs=4)
     assert window.sums.device.type == "meta" and window.sums.shape == (4,) and window.pairs == 8
+
+
+PAIR = {"prompt": "what about the cat ?", "chosen": "a good cat .", "rejected": "bad bad"}
+
+
+def test_templated_pairs_are_the_ids_ppo_shows_a_reward(llama_dir):
+    """data.chat_template: train-reward reads, for a prompt and an answer, exactly the ids ppo's reward adapter
+    reads when the policy (generation.chat_template) sampled that answer, and a separate reward model the same."""
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pair = tokenize_pairs([PAIR], tokenizer, 64, False, chat_template=True).pairs[0]
+    assert tokenizer.decode(pair.chosen) == "user : what about the cat ? answer : a good cat . <eos>"
+
+    # ppo: the prompt as PromptBatches tokenizes and left-pads it (next to a longer one), then what the policy
+    # sampled: chosen ending in its EOS, rejected cut at max_new_tokens (no EOS), both padded
+    prompts = tokenize_prompts([PAIR["prompt"], "tell about the big old sea ?"], tokenizer, 64, True).pairs
+    prompt_ids, prompt_mask = pad([prompts[0], prompts[0], prompts[1]], pad_id, "left")
+    sampled = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (PAIR["chosen"], PAIR["rejected"])]
+    responses, _ = pad([sampled[0] + [eos, pad_id], sampled[1], sampled[1]], pad_id, "right")
+    found = ppo.response_mask(responses, eos, pad_id)
+    input_ids = torch.cat([prompt_ids, responses], dim=1)
+    attention_mask = torch.cat([prompt_mask, found.mask.long()], dim=1)
+    assert reward_rows(input_ids, attention_mask, eos)[:2] == [pair.chosen, pair.rejected]
+
+    read = []  # a separate reward model trained with data.chat_template re-tokenizes the decoded texts alike
+
+    def reward_model(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        read.extend(row[real.bool()].tolist() for row, real in zip(ids, mask, strict=True))
+        return torch.zeros(len(ids))
+
+    answers = [PAIR["chosen"], PAIR["rejected"]]
+    model_rewards(reward_model, tokenizer, [PAIR["prompt"]] * 2, answers, "cpu", chat_template=True)
+    assert read == [pair.chosen, pair.rejected]
+
+
+def test_chat_template_key_reaches_the_pairs_and_needs_a_template_and_prompts(write_recipe, llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    recipe = load_recipe(write_recipe({"data": {"chat_template": True}}))
+    built = type("Built", (), {"tokenizer": tokenizer})
+    templated = train_reward.tokenize([PAIR], built, recipe, "train", main=True)
+    assert templated == tokenize_pairs([PAIR], tokenizer, 512, False, chat_template=True).pairs
+    assert templated != tokenize_pairs([PAIR], tokenizer, 512, False).pairs  # plain: prompt + text, as TRL
+    with pytest.raises(DataError, match=r"^rows 2: no 'prompt'; data.chat_template: true formats each pair"):
+        tokenize_pairs([PAIR, {"chosen": "a", "rejected": "b"}], tokenizer, 64, False, chat_template=True)
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match="^data.chat_template is true, but the tokenizer has no chat template$"):
+        tokenize_pairs([PAIR], tokenizer, 64, False, chat_template=True)
