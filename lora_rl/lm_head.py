@@ -8,15 +8,18 @@ transformers 5.24's sources, by model_type:
 - Granite (dense, MoE, shared, hybrid, SWA): logits / logits_scaling;
 - Cohere, Cohere 2 (dense, MoE): logits * logit_scale.
 Any other model with a setting of that kind is refused before it loads (`unapplied_setting`).
+
+The same holds for sampling: `only_given_sampling` keeps a model's generation_config.json out of generate().
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
 
 from lora_rl.reward_model import transformers_model
 
@@ -75,3 +78,21 @@ def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     process = PROCESSING.get(config.model_type)
     logits = output_layer(model)(hidden)
     return process(config, logits) if process else logits
+
+
+@contextmanager
+def only_given_sampling(model: nn.Module) -> Iterator[None]:
+    """generate() samples with exactly the options it is given. It fills in whatever it is not given from the
+    model's generation_config.json (Qwen2.5-Instruct's: top_k 20, top_p 0.8, repetition_penalty 1.05), also
+    when handed a GenerationConfig; the log-probs are the policy's at the recipe's temperature alone, so any such
+    setting makes the samples silently off-policy. For the block, the model's config holds its special tokens only.
+    """
+    inner = transformers_model(model)
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id
+    )
+    try:
+        yield
+    finally:
+        inner.generation_config = saved

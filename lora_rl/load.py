@@ -22,6 +22,7 @@ from torch import nn
 
 from lora_rl import display, merge
 from lora_rl.data import DataError, check_chat_template, pad, prompt_ids, reward_pair_ids
+from lora_rl.lm_head import only_given_sampling
 from lora_rl.merge import AdapterSpec
 from lora_rl.model import ModelError, classifier_head_name, load_tokenizer, quiet_transformers
 from lora_rl.recipe import ModelConfig, trained_chat_template
@@ -56,7 +57,7 @@ class Sampling(NamedTuple):
         return found
 
     def generate_options(self) -> dict:
-        """generate()'s options, every one given: the model's generation_config would otherwise fill them in."""
+        """generate()'s options; nothing else shapes sampling (lm_head.only_given_sampling)."""
         if self.temperature == 0:
             return {"do_sample": False}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
@@ -280,7 +281,8 @@ def complete(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_toke
     for prompt in prompts:
         ids = torch.tensor([prompt], device=device)
         torch.manual_seed(sampling.seed)
-        with quiet_transformers():  # its padding notice fires when a model generates the pad token; no padding here
+        # quiet: its padding notice fires when a model generates the pad token; no padding here
+        with quiet_transformers(), only_given_sampling(model):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, **sampling.generate_options())  # fmt: skip
         outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())

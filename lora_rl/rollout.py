@@ -12,7 +12,7 @@ import torch
 
 from lora_rl import ppo
 from lora_rl.data import pad, reward_pair_ids
-from lora_rl.lm_head import output_layer
+from lora_rl.lm_head import only_given_sampling, output_layer
 from lora_rl.recipe import GenerationConfig
 from lora_rl.reward_model import RewardModel
 from lora_rl.rewards import FunctionRewards, StepState, score_functions
@@ -47,7 +47,7 @@ def generate(roles: Roles, tokenizer, prompt_ids: torch.Tensor, prompt_mask: tor
     steps = []
     record = output_layer(roles.model).register_forward_pre_hook(lambda _, args: steps.append(args[0][:, -1]))
     try:
-        with roles.use(POLICY):
+        with roles.use(POLICY), only_given_sampling(roles.model):
             sequences = roles.model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, use_cache=True,

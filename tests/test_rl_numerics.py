@@ -229,3 +229,17 @@ def test_fp16_overflow_is_the_grad_scalers_skip_not_a_bad_update(write_recipe):
     assert accelerator.scaler.get_scale() < 2.0**30  # it overflowed and backed off
     assert stats["overflow_steps"] >= 1
     assert any(not torch.equal(p, before[n]) for n, p in trained_weights(actor_critic).items())  # later steps ran
+
+
+def test_the_models_generation_config_does_not_change_what_the_policy_samples(write_recipe):
+    """The log-probs are the policy's at the recipe's temperature alone. A model's generation_config.json
+    (Qwen2.5-Instruct's sets top_k 20, top_p 0.8, repetition_penalty 1.05) filled in whatever generate() was not
+    given, so the samples came from another distribution than the one trained on: silently off-policy."""
+    from lora_rl.reward_model import transformers_model
+
+    recipe, built, roles, actor_critic = setup(write_recipe)
+    plain = rollout_of(built, roles, actor_critic, recipe).input_ids
+    model = transformers_model(roles.model)
+    model.generation_config.update(top_k=1, top_p=0.5, repetition_penalty=5.0, no_repeat_ngram_size=1)
+    assert torch.equal(rollout_of(built, roles, actor_critic, recipe).input_ids, plain)
+    assert model.generation_config.top_k == 1 and model.generation_config.repetition_penalty == 5.0  # left as found
