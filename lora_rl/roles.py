@@ -224,7 +224,7 @@ def reward_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_id: i
 
 class ActorCriticOutput(NamedTuple):
     logprobs: torch.Tensor  # (B, R) float32 log-probs of the response tokens under the policy
-    entropy: torch.Tensor  # (B, R) float32, no grad: a statistic
+    entropy: torch.Tensor | None  # (B, R) float32, no grad: a statistic; None when not asked for
     values: torch.Tensor  # (B, R) float32 value of the state before each response token
 
 
@@ -238,28 +238,30 @@ class ActorCritic(nn.Module):
         self.roles, self.temperature = roles, temperature
         self._no_split_modules = no_split_modules(roles.model)  # FSDP wraps (and gathers) block by block
 
-    def forward(self, *inputs, within: Callable[[], T] | None = None) -> ActorCriticOutput | T:
-        """`outputs(*inputs)`; or, given `within`, its result, computed inside this module's forward.
+    def forward(self, *inputs, within: Callable[[], T] | None = None, entropy: bool = True) -> ActorCriticOutput | T:
+        """`outputs(*inputs, entropy)`; or, given `within`, its result, computed inside this module's forward.
 
         Under FSDP the base's shards are gathered only inside the wrapped module's forward (each block by its
         own hook), so everything else that runs the shared base (generation, the reference and the reward
         adapter) goes through here too.
         """
-        return within() if within is not None else self.outputs(*inputs)
+        return within() if within is not None else self.outputs(*inputs, entropy=entropy)
 
-    def outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
+    def outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                entropy: bool = True) -> ActorCriticOutput:  # fmt: skip
         with self.roles.use(POLICY):
             hidden = response_hidden(self.roles.model, input_ids, attention_mask, prompt_width)
-        return self.from_hidden(hidden, input_ids, attention_mask, prompt_width)
+        return self.from_hidden(hidden, input_ids, attention_mask, prompt_width, entropy)
 
     def from_hidden(self, policy_hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    prompt_width: int) -> ActorCriticOutput:  # fmt: skip
-        """Log-probs, entropy and values from the policy's (B, R, H) hidden states before each response token."""
+                    prompt_width: int, entropy: bool = True) -> ActorCriticOutput:  # fmt: skip
+        """Log-probs, entropy (None unless asked: a statistic, a softmax over the vocabulary at every response
+        token) and values from the policy's (B, R, H) hidden states before each response token."""
         with self.roles.use(POLICY):  # the LM head too may carry LoRA
             logits = lm_logits(self.roles.model, policy_hidden)  # (B, R, V): the LM head only where needed
         logprobs = gather_logprobs(logits, input_ids[:, prompt_width:], self.temperature)
         with torch.no_grad():
-            entropy = entropy_from_logits(logits, self.temperature)
+            entropy = entropy_from_logits(logits, self.temperature) if entropy else None
         hidden = policy_hidden
         if self.roles.critic_adapter is not None:
             with self.roles.use(self.roles.critic_adapter):

@@ -81,10 +81,10 @@ def collect(actor_critic: ActorCritic, roles: Roles, tokenizer, rows: list[dict]
     # they are after temperature/top-k/top-p processing. Under autocast (bf16/fp16) cached steps round
     # differently from a full pass (a fresh adapter showed KL -0.027 against the reference at update 1), so
     # there they come from a full forward, computed as the reference's and the training forward's are.
-    if torch.is_autocast_enabled(input_ids.device.type):
-        out = actor_critic.outputs(input_ids, attention_mask, width)
+    if torch.is_autocast_enabled(input_ids.device.type):  # the rollout keeps no entropy: training logs it
+        out = actor_critic.outputs(input_ids, attention_mask, width, entropy=False)
     else:
-        out = actor_critic.from_hidden(policy_hidden, input_ids, attention_mask, width)
+        out = actor_critic.from_hidden(policy_hidden, input_ids, attention_mask, width, entropy=False)
     ref = reference_logprobs(roles, input_ids, attention_mask, width, cfg.temperature) if reference else None
     found = score(roles, tokenizer, rows, responses, eos.mask, input_ids, attention_mask, state or StepState())
     rollout = Rollout(input_ids, attention_mask, eos.mask, width, eos.has_eos, out.logprobs, ref, out.values,

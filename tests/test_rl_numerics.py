@@ -4,6 +4,7 @@ skipped updates, fp16 loss scaling. Each test compares against an independent re
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -243,3 +244,24 @@ def test_the_models_generation_config_does_not_change_what_the_policy_samples(wr
     model.generation_config.update(top_k=1, top_p=0.5, repetition_penalty=5.0, no_repeat_ngram_size=1)
     assert torch.equal(rollout_of(built, roles, actor_critic, recipe).input_ids, plain)
     assert model.generation_config.top_k == 1 and model.generation_config.repetition_penalty == 5.0  # left as found
+
+
+def test_entropy_is_computed_once_per_completion_and_averaged_over_those(write_recipe, monkeypatch):
+    """Entropy is a statistic (a softmax over the vocabulary at every response token): the first epoch's forwards
+    cover every completion once; later epochs and the rollout compute none. Its metric averages what was computed."""
+    from lora_rl import roles as roles_module
+
+    recipe, built, roles, actor_critic = setup(write_recipe, ppo={"rollout_batch_size": 4, "ppo_epochs": 3})
+    real, seen = roles_module.entropy_from_logits, []
+
+    def counted(logits, temperature=1.0, chunk_size=32):
+        values = real(logits, temperature, chunk_size)
+        seen.append(values)
+        return values
+
+    monkeypatch.setattr(roles_module, "entropy_from_logits", counted)
+    rollout = rollout_of(built, roles, actor_critic, recipe)
+    assert seen == []  # the rollout keeps none
+    stats = optimise(actor_critic, recipe, rollout)
+    assert len(seen) == 2  # 4 completions, micro-batches of 2, first of 3 epochs only
+    assert stats["entropy"] > 0 and math.isfinite(stats["entropy"])
