@@ -149,7 +149,7 @@ def validate(
         if purpose is Purpose.train_reward:
             reward_command.check_inputs(resolved)
         else:
-            rl_setup.check_inputs(resolved, recipe.parent, purpose.value)
+            resolved, _, _ = rl_setup.check_inputs(resolved, recipe.parent, purpose.value)
             display.print_warnings(rl_setup.chat_template_warnings(resolved))
         built = build(resolved, "reward" if purpose is Purpose.train_reward else "causal-lm")
         display.print_model_report(built.report)

@@ -68,10 +68,11 @@ def schedule_of(recipe: Recipe, command: str) -> Schedule:
 
 
 def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
-                 command: str = "ppo") -> tuple[list[dict], list[RewardTerm] | None]:  # fmt: skip
+                 command: str = "ppo") -> tuple[Recipe, list[dict], list[RewardTerm] | None]:  # fmt: skip
     """Every check `command` (ppo or grpo) makes before it loads a model, also run by `validate --for`: its
     settings, the model and adapter files, the prompts and the reward functions' import (and their arguments
-    against the data's columns). Returns the prompt rows and the reward functions."""
+    against the data's columns). Returns the recipe as it will run (see `with_chat_prompts`), the prompt rows
+    and the reward functions."""
     check_recipe(recipe, command)
     train_state.check_trackers(recipe)
     check_model_files(recipe, causal_lm=True)
@@ -80,7 +81,16 @@ def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
     if recipe.reward.model:
         check_model_dir(recipe.reward.model, recipe.actor.model, "reward.model")
     rows = load_prompt_rows(recipe.data.train_path)
-    return rows, import_rewards(recipe, rows, recipe_dir)
+    return with_chat_prompts(recipe, rows), rows, import_rewards(recipe, rows, recipe_dir)
+
+
+def with_chat_prompts(recipe: Recipe, rows: list[dict]) -> Recipe:
+    """Prompts given as chat message lists always go through the chat template: the resolved recipe says so
+    (generation.chat_template: true), since it is saved with every checkpoint and read back by `lora-rl load`
+    and by the reward-template check to know how the policy saw its prompts."""
+    if recipe.generation.chat_template or not any(isinstance(row["prompt"], list) for row in rows):
+        return recipe
+    return dataclasses.replace(recipe, generation=dataclasses.replace(recipe.generation, chat_template=True))
 
 
 def check_recipe(recipe: Recipe, command: str = "ppo") -> None:

@@ -54,7 +54,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     from accelerate.utils import set_seed
 
     # 1. Everything that can be wrong with the input, before any model loads.
-    rows, terms = check_inputs(recipe, recipe_dir, command)
+    recipe, rows, terms = check_inputs(recipe, recipe_dir, command)
     schedule = schedule_of(recipe, command)
     if finished := train_state.finished_run(recipe, resume):
         return finished

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -139,6 +140,9 @@ def test_chat_prompts_get_the_template_and_completions_arrive_as_messages(tmp_pa
                       "reward.function=tests.grpo_rewards:assistant_messages")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert len(metrics(out)) == 2
+    # the saved recipe says how the policy saw its prompts: `lora-rl load` and the reward-template check read it
+    for saved in (out / "recipe.yaml", out / "final" / "recipe.yaml"):
+        assert yaml.safe_load(saved.read_text())["generation"]["chat_template"] is True, saved
 
 
 def test_demo_raises_mean_reward(tmp_path):
