@@ -81,7 +81,19 @@ def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
     if recipe.reward.model:
         check_model_dir(recipe.reward.model, recipe.actor.model, "reward.model")
     rows = load_prompt_rows(recipe.data.train_path)
+    check_reward_model_reads_the_prompts(recipe, rows)
     return with_chat_prompts(recipe, rows), rows, import_rewards(recipe, rows, recipe_dir)
+
+
+def check_reward_model_reads_the_prompts(recipe: Recipe, rows: list[dict]) -> None:
+    """A separate reward model re-reads prompt + completion as text unless it was trained with the chat template:
+    chat message prompts have no such text."""
+    model = recipe.reward.model
+    chat = any(isinstance(row["prompt"], list) for row in rows)
+    if model and chat and not trained_chat_template(model, "data.chat_template"):
+        raise RecipeError([f"reward.model: {model} reads plain text (it was not trained with data.chat_template: "
+                           "true), but the prompts are chat messages; train it with data.chat_template: true, "
+                           "or give the prompts as text"])  # fmt: skip
 
 
 def with_chat_prompts(recipe: Recipe, rows: list[dict]) -> Recipe:

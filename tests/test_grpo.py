@@ -145,6 +145,18 @@ def test_chat_prompts_get_the_template_and_completions_arrive_as_messages(tmp_pa
         assert yaml.safe_load(saved.read_text())["generation"]["chat_template"] is True, saved
 
 
+def test_chat_prompts_with_a_plain_text_reward_model_are_one_error_line(tmp_path):
+    """A separate reward model trained on plain text re-reads prompt + completion as text; message prompts have
+    none (this was a TypeError traceback in the first rollout)."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "say the word cat"}]}) + "\n")
+    result, out = run(tmp_path / "run", *SHORT, f"data.train_path={data}", "reward.functions=null",
+                      "reward.model=tiny-gpt2")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "reward.model: tiny-gpt2 reads plain text" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not out.exists()
+
+
 def test_demo_raises_mean_reward(tmp_path):
     """4 seeds x 40 steps of recipes/grpo-demo.yaml: first-5 means 0.008-0.011, steps 36-40 means 0.26-0.48 (gains
     0.25-0.47; 80 steps: 0.24-0.77). A gain above 0.12 is half the smallest observed one."""
