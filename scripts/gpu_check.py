@@ -82,7 +82,7 @@ def lora_rl(*args: str) -> list[str]:
 
 def last_metrics(run: Path) -> dict:
     """The run's last metrics line; its numbers must be finite and the final adapter complete."""
-    from lora_rl.checkpoint import verify
+    from lora_rl.training.checkpoint import verify
 
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = lines[-1]

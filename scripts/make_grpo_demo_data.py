@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from lora_rl.tiny import VOCAB
+from lora_rl.models.tiny import VOCAB
 
 ANSWERS = "cat dog red blue".split()  # few: a random model samples them often enough to find the reward
 TEMPLATES = ("say {}", "say the word {}", "please say {}", "please say the word {}", "can you say {}",

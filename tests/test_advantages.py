@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from lora_rl.advantages import (
+from lora_rl.rl.advantages import (
     clipped_policy_loss,
     grpo_advantages,
     reinforce_pp_returns,

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from lora_rl import checkpoint
-from lora_rl.checkpoint import CheckpointError, verify, write_atomically
+from lora_rl.training import checkpoint
+from lora_rl.training.checkpoint import CheckpointError, verify, write_atomically
 
 
 def write_files(files: dict[str, bytes]):
@@ -91,7 +91,7 @@ def test_pickle_weights_refused_unless_opted_in(tmp_path):
 
 
 def test_restart_recovers_from_a_killed_save(tmp_path):
-    from lora_rl.checkpoint import recover_interrupted_saves
+    from lora_rl.training.checkpoint import recover_interrupted_saves
 
     write_atomically(tmp_path / "final", write_files({"w.safetensors": b"previous"}), step=1)
     os.replace(tmp_path / "final", tmp_path / ".final.old-123")  # killed between moving final aside and the rename
@@ -113,7 +113,7 @@ def test_other_safetensors_files_do_not_make_pickle_weights_safe(tmp_path):
 
 
 def test_recovery_leaves_what_lora_rl_did_not_write(tmp_path):
-    from lora_rl.checkpoint import recover_interrupted_saves
+    from lora_rl.training.checkpoint import recover_interrupted_saves
 
     for name in (".checkpoint-4.tmp-abc", ".final.old-123", ".x.old-1"):
         (tmp_path / name).mkdir()

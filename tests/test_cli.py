@@ -103,9 +103,9 @@ def test_validate_and_ppo_make_the_same_checks_before_loading_a_model(command, s
     def build(*args, **kwargs):
         raise AssertionError("a model was loaded before the checks")
 
-    # train_ppo first: importing it while lora_rl.model.build is patched would bind (and restore) the fake
-    monkeypatch.setattr("lora_rl.train_ppo.build", build)
-    monkeypatch.setattr("lora_rl.model.build", build)
+    # train_ppo first: importing it while lora_rl.models.build.build is patched would bind (and restore) the fake
+    monkeypatch.setattr("lora_rl.commands.rl.build", build)
+    monkeypatch.setattr("lora_rl.models.build.build", build)
     path = write_recipe({**PPO, **section})
     result = runner.invoke(app, [command, str(path)], env={"COLUMNS": "300"})
     assert result.exit_code == 2, result.output
@@ -150,7 +150,7 @@ def test_unexpected_error_is_one_line_exit_1_and_debug_shows_the_traceback(write
     def fail(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access\nmore detail")
 
-    monkeypatch.setattr("lora_rl.train_reward.run", fail)
+    monkeypatch.setattr("lora_rl.commands.train_reward.run", fail)
     path = write_recipe(PAIRS)
     result = runner.invoke(app, ["train-reward", str(path)], env={"COLUMNS": "300"})
     assert result.exit_code == 1

@@ -158,7 +158,7 @@ def test_text_that_tokenizes_to_nothing_is_an_error():
 
 
 def test_prompt_rows_are_checked(tmp_path):
-    from lora_rl.rewards import load_prompt_rows
+    from lora_rl.rl.rewards import load_prompt_rows
 
     path = jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": ""}, {"text": "x"}, {"prompt": 3}])
     with pytest.raises(DataError) as err:

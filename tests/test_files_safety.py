@@ -17,12 +17,14 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from lora_rl import checkpoint, train_reward
-from lora_rl.checkpoint import CheckpointError, start_run_dir, write_atomically
 from lora_rl.cli import app
+from lora_rl.commands import train_reward
 from lora_rl.recipe import load_recipe
-from lora_rl.run_lock import LOCK
-from lora_rl.train_state import checkpoints, trim_metrics
+from lora_rl.training import checkpoint
+from lora_rl.training.checkpoint import CheckpointError, write_atomically
+from lora_rl.training.lock import LOCK
+from lora_rl.training.resume import checkpoints, trim_metrics
+from lora_rl.training.run_dir import start_run_dir
 from tests.test_resume import ROOT, reward_recipe
 
 runner = CliRunner()
@@ -144,7 +146,7 @@ def test_interrupted_saves_of_lora_rl_are_recovered(recipe, tmp_path, monkeypatc
 
 HOLD = """
 import sys
-from lora_rl.checkpoint import start_run_dir
+from lora_rl.training.run_dir import start_run_dir
 from lora_rl.recipe import load_recipe
 start_run_dir(sys.argv[2], load_recipe(sys.argv[1]), overwrite=False)
 print("locked", flush=True)
@@ -200,11 +202,12 @@ def test_lock_is_released_at_the_end_of_a_run_and_after_an_error(write_recipe, t
 
 SIGTERM_HOLD = """
 import sys, time
-from lora_rl import checkpoint, run_lock
+from lora_rl.training import run_dir
+from lora_rl.training import lock as run_lock
 from lora_rl.recipe import load_recipe
 @run_lock.releases_lock
 def run():
-    checkpoint.start_run_dir(sys.argv[2], load_recipe(sys.argv[1]), overwrite=False)
+    run_dir.start_run_dir(sys.argv[2], load_recipe(sys.argv[1]), overwrite=False)
     print("locked", flush=True)
     time.sleep(120)
 run()
@@ -270,7 +273,7 @@ def test_partial_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
 TRIM_KILLED = """
 import resource, signal, sys
 from pathlib import Path
-from lora_rl.train_state import trim_metrics
+from lora_rl.training.resume import trim_metrics
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; by default the process dies
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # killed once a write passes 4 KiB
 trim_metrics(Path(sys.argv[1]), "step", 900)

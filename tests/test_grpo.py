@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from lora_rl import rollout as rollout_module
 from lora_rl.cli import app
 from lora_rl.recipe import load_recipe
+from lora_rl.rl import rollout as rollout_module
 from tests.test_roles import ROOT, roles_for
 
 DEMO = ["grpo", str(ROOT / "recipes/grpo-demo.yaml"), f"data.train_path={ROOT / 'recipes/data/grpo-demo.jsonl'}"]

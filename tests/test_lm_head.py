@@ -12,10 +12,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from lora_rl import tiny, train_ppo
 from lora_rl.cli import app
-from lora_rl.roles import POLICY, ActorCritic
-from lora_rl.rollout import collect
+from lora_rl.models import tiny
+from lora_rl.rl import loop as train_ppo
+from lora_rl.rl.roles import POLICY, ActorCritic
+from lora_rl.rl.rollout import collect
 from tests.test_roles import ROOT, ppo_recipe, randomize, roles_for, rows
 
 SIZE = {"vocab_size": len(tiny.VOCAB), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -13,8 +13,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
-from lora_rl import builtin, load
+from lora_rl import builtin
 from lora_rl.cli import app
+from lora_rl.commands import load
 
 runner = CliRunner()
 PROMPTS = ["the cat is", "hello how are you", "one two three"]

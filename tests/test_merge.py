@@ -16,11 +16,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 from typer.testing import CliRunner
 
-from lora_rl import builtin, checkpoint, merge, streaming_merge, tiny
+from lora_rl import builtin
+from lora_rl.adapters import merge, streaming_merge
 from lora_rl.cli import app
-from lora_rl.model import ModelError, build
+from lora_rl.models import tiny
+from lora_rl.models.build import ModelError, build
+from lora_rl.models.reward_model import RewardModel
 from lora_rl.recipe import load_recipe
-from lora_rl.reward_model import RewardModel
+from lora_rl.training import checkpoint
 
 runner = CliRunner()
 IDS = torch.tensor([[2, 20, 21, 22, 23, 24, 25, 26], [2, 30, 31, 32, 33, 34, 35, 36]])

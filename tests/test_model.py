@@ -7,9 +7,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from lora_rl import checkpoint, tiny
-from lora_rl.model import ModelError, build, classifier_head_name, count_parameters, load_base, load_tokenizer
+from lora_rl.models import tiny
+from lora_rl.models.build import ModelError, build, classifier_head_name, count_parameters, load_base, load_tokenizer
 from lora_rl.recipe import load_recipe
+from lora_rl.training import checkpoint
 
 V = len(tiny.VOCAB)
 

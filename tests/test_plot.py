@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lora_rl import plot
 from lora_rl.cli import app
+from lora_rl.commands import plot
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""PPO math against hand-computed numbers and plain-Python loops (expectations never come from lora_rl.ppo)."""
+"""PPO math against hand-computed numbers and plain-Python loops (expectations never come from lora_rl.rl.ppo)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lora_rl.ppo import (
+from lora_rl.rl.ppo import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_rl import train_reward
-from lora_rl.checkpoint import verify
+from lora_rl.commands import train_reward
 from lora_rl.recipe import RecipeError, load_recipe
-from lora_rl.run_lock import LOCK
-from lora_rl.train_state import checkpoints
+from lora_rl.training.checkpoint import verify
+from lora_rl.training.lock import LOCK
+from lora_rl.training.resume import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"pairs_per_s", "time_generate", "time_score", "time_train"}
@@ -107,7 +107,8 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_to_the_same_result(write_re
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-from lora_rl import checkpoint, cli
+from lora_rl import cli
+from lora_rl.training import checkpoint
 write = checkpoint._write_manifest
 def killed_at_step_4(directory, step, extra):
     if step == 4:  # every file of checkpoint-4 is in its temporary directory: die before it is complete
@@ -133,18 +134,18 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(write_
 
 
 def test_resumed_ppo_run_equals_uninterrupted(tmp_path):
-    from lora_rl import train_ppo
+    from lora_rl.commands import rl as rl_command
 
     overrides = [f"output_dir={tmp_path / 'full'}", f"data.train_path={ROOT / 'recipes/data/prompts-demo.jsonl'}",
                  "ppo.num_updates=6", "train.save_every=3", "critic.mode=adapter", "ppo.adaptive_kl=true",
                  "ppo.target_kl=0.1", "ppo.kl_horizon=100", "ppo.normalize_rewards=true", "ppo.rollout_batch_size=16",
                  "train.batch_size=8", "train.samples_every=2", "train.num_samples=2"]  # fmt: skip
     recipe = load_recipe(ROOT / "recipes/ppo-demo.yaml", overrides)
-    full = train_ppo.run(recipe)
+    full = rl_command.run(recipe)
     crashed = tmp_path / "crashed"
     shutil.copytree(full.parent, crashed)
     shutil.rmtree(crashed / "final")
-    resumed = train_ppo.run(load_recipe(crashed / "recipe.yaml", [f"output_dir={crashed}"]), resume="auto")
+    resumed = rl_command.run(load_recipe(crashed / "recipe.yaml", [f"output_dir={crashed}"]), resume="auto")
     assert same_weights(full, resumed)
     assert same_weights(full / "critic", resumed / "critic")
     assert torch.equal(load_file(full / "value_head.safetensors")["weight"],

@@ -17,11 +17,13 @@ from accelerate import Accelerator
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_rl import load, merge, ppo, rollout, train_reward
+from lora_rl.adapters import merge
+from lora_rl.commands import load, train_reward
 from lora_rl.data import PairCollator, pad, reward_ids, tokenize_pairs
+from lora_rl.models.reward_model import RewardModel
 from lora_rl.recipe import load_recipe
-from lora_rl.reward_model import RewardModel
-from lora_rl.rewards import StepState
+from lora_rl.rl import ppo, rollout
+from lora_rl.rl.rewards import StepState
 from tests.test_roles import roles_for, rows
 
 ROOT = Path(__file__).resolve().parent.parent

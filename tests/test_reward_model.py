@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lora_rl.data import Pair, PairCollator, pad
-from lora_rl.model import build
+from lora_rl.models.build import build
+from lora_rl.models.reward_model import RewardModel, bradley_terry, last_token_index, position_ids
 from lora_rl.recipe import load_recipe
-from lora_rl.reward_model import RewardModel, bradley_terry, last_token_index, position_ids
 
 
 def test_bradley_terry_by_hand():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lora_rl.data import DataError
-from lora_rl.rewards import (
+from lora_rl.rl.rewards import (
     RewardError,
     RewardTerm,
     StepState,
@@ -254,7 +254,7 @@ def test_demo_rewards_read_text_and_chat_completions():
 def test_demo_data_answers_are_the_last_prompt_word_and_known_to_the_tiny_tokenizer():
     from pathlib import Path
 
-    from lora_rl.tiny import VOCAB
+    from lora_rl.models.tiny import VOCAB
 
     rows = load_prompt_rows(Path(__file__).resolve().parent.parent / "recipes/data/grpo-demo.jsonl")
     assert len(rows) >= 200

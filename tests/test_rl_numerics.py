@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_rl import ppo, train_ppo
-from lora_rl.objectives import Advantages, PPOObjective
-from lora_rl.roles import CRITIC, POLICY, ActorCritic
-from lora_rl.rollout import collect
+from lora_rl.rl import loop as train_ppo
+from lora_rl.rl import ppo
+from lora_rl.rl.objectives import Advantages, PPOObjective
+from lora_rl.rl.roles import CRITIC, POLICY, ActorCritic
+from lora_rl.rl.rollout import collect
 from tests.test_roles import ROOT, ppo_recipe, randomize, roles_for, rows
 
 PROMPTS = ["what about the cat ?", "tell about the sea ?", "why about the sun ?", "give about the book ?"]
@@ -236,7 +237,7 @@ def test_the_models_generation_config_does_not_change_what_the_policy_samples(wr
     """The log-probs are the policy's at the recipe's temperature alone. A model's generation_config.json
     (Qwen2.5-Instruct's sets top_k 20, top_p 0.8, repetition_penalty 1.05) filled in whatever generate() was not
     given, so the samples came from another distribution than the one trained on: silently off-policy."""
-    from lora_rl.reward_model import transformers_model
+    from lora_rl.models.reward_model import transformers_model
 
     recipe, built, roles, actor_critic = setup(write_recipe)
     plain = rollout_of(built, roles, actor_critic, recipe).input_ids
@@ -249,7 +250,7 @@ def test_the_models_generation_config_does_not_change_what_the_policy_samples(wr
 def test_entropy_is_computed_once_per_completion_and_averaged_over_those(write_recipe, monkeypatch):
     """Entropy is a statistic (a softmax over the vocabulary at every response token): the first epoch's forwards
     cover every completion once; later epochs and the rollout compute none. Its metric averages what was computed."""
-    from lora_rl import roles as roles_module
+    from lora_rl.rl import roles as roles_module
 
     recipe, built, roles, actor_critic = setup(write_recipe, ppo={"rollout_batch_size": 4, "ppo_epochs": 3})
     real, seen = roles_module.entropy_from_logits, []

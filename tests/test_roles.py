@@ -10,13 +10,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from lora_rl import rl_setup, train_reward
+from lora_rl.commands import train_reward
 from lora_rl.data import pad
-from lora_rl.model import ModelError, build
-from lora_rl.objectives import objective_for
+from lora_rl.models.build import ModelError, build
 from lora_rl.recipe import load_recipe
-from lora_rl.rewards import load_prompt_rows
-from lora_rl.roles import POLICY, REWARD, adapter_rewards, import_reward_function, reference_logprobs
+from lora_rl.rl import setup as rl_setup
+from lora_rl.rl.objectives import objective_for
+from lora_rl.rl.rewards import load_prompt_rows
+from lora_rl.rl.roles import POLICY, REWARD, adapter_rewards, import_reward_function, reference_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = torch.tensor([[2, 20, 21, 22, 23, 24, 25]])
@@ -123,7 +124,7 @@ def test_reward_adapter_scores_equal_its_sequence_classifier(write_recipe, rewar
 
 def test_reward_adapter_for_a_causal_lm_is_refused(write_recipe, tmp_path):
     built = build(ppo_recipe(write_recipe), "causal-lm")
-    from lora_rl.checkpoint import save_adapter
+    from lora_rl.training.checkpoint import save_adapter
 
     save_adapter(built.model, tmp_path / "causal", step=0)
     with pytest.raises(ModelError, match="is a CAUSAL_LM adapter; expected SEQ_CLS"):

@@ -9,9 +9,9 @@ import pytest
 from accelerate.tracking import GeneralTracker
 from typer.testing import CliRunner
 
-from lora_rl import train_state
 from lora_rl.cli import app
-from lora_rl.samples import markdown_table
+from lora_rl.rl.samples import markdown_table
+from lora_rl.training import trackers
 from tests import recording_rewards
 from tests.test_roles import ROOT
 
@@ -97,7 +97,7 @@ class TableTracker(GeneralTracker):
 
 def test_a_tracker_with_a_table_gets_each_sampled_update(tmp_path, monkeypatch):
     tracker = TableTracker()
-    monkeypatch.setattr(train_state, "tracker_options", lambda recipe: {"log_with": [tracker]})
+    monkeypatch.setattr(trackers, "tracker_options", lambda recipe: {"log_with": [tracker]})
     written = run(PPO, tmp_path / "out", "ppo.num_updates=2", "train.samples_every=1", "train.num_samples=2")
     columns = ["update", "prompt", "completion", "reward", "reward/record"]
     rows = [[s[c] for c in columns] for s in written]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_rl import tiny
-from lora_rl.model import build
+from lora_rl.models import tiny
+from lora_rl.models.build import build
 from lora_rl.recipe import load_recipe, read_yaml
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,7 +3,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_rl import builtin, tiny
+from lora_rl import builtin
+from lora_rl.models import tiny
 
 
 def test_build_is_deterministic():

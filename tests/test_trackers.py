@@ -93,9 +93,8 @@ def test_a_tracker_not_installed_is_named_before_loading(tmp_path, monkeypatch):
 def test_wandb_writes_under_output_dir(tmp_path):
     """accelerate's W&B tracker ignores project_dir: the run's `dir` must name output_dir, or W&B's files land in
     whatever directory the job started in."""
-    from lora_rl import train_state
     from lora_rl.recipe import load_recipe
-
+    from lora_rl.training import trackers
     recipe = load_recipe(ROOT / "recipes" / "ppo-demo.yaml", [f"output_dir={tmp_path / 'run'}"])
     calls = []
 
@@ -103,5 +102,5 @@ def test_wandb_writes_under_output_dir(tmp_path):
         def init_trackers(self, name, config=None, init_kwargs=None):
             calls.append(init_kwargs)
 
-    train_state.start_trackers(Recorder(), recipe)
+    trackers.start_trackers(Recorder(), recipe)
     assert calls[0]["wandb"]["dir"] == str(tmp_path / "run")

@@ -14,13 +14,15 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from lora_rl import ppo, rl_setup, train_ppo
-from lora_rl.checkpoint import verify
 from lora_rl.cli import app
-from lora_rl.objectives import Advantages, PPOObjective
 from lora_rl.recipe import RecipeError
-from lora_rl.roles import ActorCritic, reference_logprobs
-from lora_rl.rollout import collect
+from lora_rl.rl import loop as train_ppo
+from lora_rl.rl import ppo
+from lora_rl.rl import setup as rl_setup
+from lora_rl.rl.objectives import Advantages, PPOObjective
+from lora_rl.rl.roles import ActorCritic, reference_logprobs
+from lora_rl.rl.rollout import collect
+from lora_rl.training.checkpoint import verify
 from tests.test_load import make_adapter
 from tests.test_roles import ROOT, ppo_recipe, randomize, roles_for, rows
 

@@ -13,14 +13,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
-from lora_rl import ppo, train_reward
-from lora_rl.checkpoint import CheckpointError, verify
 from lora_rl.cli import app
+from lora_rl.commands import train_reward
 from lora_rl.data import DataError, PairCollator, load_pairs, pad, tokenize_pairs, tokenize_prompts
+from lora_rl.models.reward_model import bradley_terry
 from lora_rl.recipe import RecipeError, load_recipe
-from lora_rl.reward_model import bradley_terry
-from lora_rl.roles import reward_rows
-from lora_rl.rollout import model_rewards
+from lora_rl.rl import ppo
+from lora_rl.rl.roles import reward_rows
+from lora_rl.rl.rollout import model_rewards
+from lora_rl.training.checkpoint import CheckpointError, verify
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PAIRS = [json.loads(line) for line in (ROOT / "recipes/data/reward-demo.jsonl").read_text().splitlines()]
@@ -238,8 +239,8 @@ def test_fp16_overflow_is_the_grad_scalers_skip_not_a_bad_step():
 
     from accelerate import Accelerator
 
-    from lora_rl.reward_model import PairwiseOutput
-    from lora_rl.train_reward import step_problem
+    from lora_rl.commands.train_reward import step_problem
+    from lora_rl.models.reward_model import PairwiseOutput
 
     accelerator = Accelerator()
     model = accelerator.prepare(torch.nn.Linear(2, 1))
@@ -260,8 +261,8 @@ def test_fp16_overflow_is_the_grad_scalers_skip_not_a_bad_step():
 def test_the_metrics_window_sums_on_the_device_of_the_outputs():
     """On a GPU the loss lives on cuda: the window must not mix in a CPU tensor (it crashed every GPU run).
     The meta device stands in for a GPU here: any CPU tensor mixed in raises as it would on cuda."""
-    from lora_rl.reward_model import PairwiseOutput
-    from lora_rl.train_reward import Window
+    from lora_rl.commands.train_reward import Window
+    from lora_rl.models.reward_model import PairwiseOutput
 
     window = Window()
     on_meta = PairwiseOutput(*(torch.zeros((), device="meta") for _ in range(3)))

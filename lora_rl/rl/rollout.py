@@ -10,13 +10,13 @@ from typing import NamedTuple
 
 import torch
 
-from lora_rl import ppo
 from lora_rl.data import pad, reward_pair_ids
-from lora_rl.lm_head import only_given_sampling, output_layer
+from lora_rl.models.lm_head import only_given_sampling, output_layer
+from lora_rl.models.reward_model import RewardModel
 from lora_rl.recipe import GenerationConfig
-from lora_rl.reward_model import RewardModel
-from lora_rl.rewards import FunctionRewards, StepState, score_functions
-from lora_rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, reference_logprobs
+from lora_rl.rl import ppo
+from lora_rl.rl.rewards import FunctionRewards, StepState, score_functions
+from lora_rl.rl.roles import POLICY, ActorCritic, Roles, adapter_rewards, reference_logprobs
 
 
 class Rollout(NamedTuple):

@@ -20,7 +20,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from lora_rl.checkpoint import CheckpointError
+from lora_rl import display
+from lora_rl.training.checkpoint import CheckpointError
 
 LOCK = ".lora-rl.lock"
 _held: set[Path] = set()  # lock files this process holds
@@ -40,8 +41,6 @@ def take_lock(directory: Path) -> None:
             if not _stale(holder, mine):
                 raise CheckpointError(_in_use(directory, holder)) from None
             if holder["pid"] != mine["pid"]:
-                from lora_rl import display  # not at the top: display imports the model code
-
                 display.print_warnings([f"output_dir {directory}: took over the lock of a run that is no longer "
                                         f"running ({_describe(holder)})"])  # fmt: skip
             _remove_if_unchanged(path, content)

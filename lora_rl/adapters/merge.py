@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_rl import builtin, checkpoint, display, streaming_merge
-from lora_rl.checkpoint import CheckpointError
-from lora_rl.model import ModelError, base_fingerprint, load_tokenizer, quiet_transformers
+from lora_rl import builtin, display
+from lora_rl.adapters import streaming_merge
+from lora_rl.adapters.streaming_merge import Plan, TensorInfo
+from lora_rl.models.build import ModelError, base_fingerprint, load_tokenizer, quiet_transformers
 from lora_rl.recipe import ModelConfig
-from lora_rl.streaming_merge import Plan, TensorInfo
+from lora_rl.training import checkpoint
+from lora_rl.training.checkpoint import CheckpointError
 
 TASKS = {None: "causal-lm", "CAUSAL_LM": "causal-lm", "SEQ_CLS": "reward"}
 # Allowed max |logit diff|, relative to max(1, max |logit|). In float32 only the order of operations differs

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lora_rl.rollout import Rollout, decode
+from lora_rl.rl.rollout import Rollout, decode
 
 FILE = "samples.jsonl"
 TABLE = "samples"  # the trackers' name for it

@@ -20,14 +20,15 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from lora_rl import display, merge
+from lora_rl import display
+from lora_rl.adapters import merge
+from lora_rl.adapters.merge import AdapterSpec
+from lora_rl.adapters.streaming_merge import adapter_parts, first_few, model_layout, reward_labels
 from lora_rl.data import DataError, check_chat_template, pad, prompt_ids, reward_pair_ids
-from lora_rl.lm_head import only_given_sampling
-from lora_rl.merge import AdapterSpec
-from lora_rl.model import ModelError, classifier_head_name, load_tokenizer, quiet_transformers
+from lora_rl.models.build import ModelError, classifier_head_name, load_tokenizer, quiet_transformers
+from lora_rl.models.lm_head import only_given_sampling
+from lora_rl.models.reward_model import RewardModel
 from lora_rl.recipe import ModelConfig, trained_chat_template
-from lora_rl.reward_model import RewardModel
-from lora_rl.streaming_merge import adapter_parts, first_few, model_layout, reward_labels
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")  # peft keeps adapters in ModuleDicts, whose keys cannot hold dots
 BASE = "base"

@@ -7,7 +7,7 @@ opts in (`actor.model.allow_pickle_weights`), since unpickling runs arbitrary co
 
 lora-rl removes or replaces only what it can prove it wrote: a directory holding its manifest (or, while a save
 is unfinished, its mark), and the run files its run record (`.lora-rl-run.json`) lists. While a run writes to
-its output directory, the directory is locked (run_lock).
+its output directory, the directory is locked (lora_rl.training.lock); run_dir prepares it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -295,60 +294,6 @@ def gathered_state_dict(accelerator, wrapper, prefix: str = "model.") -> dict:
 def submodule_state(state: dict, prefix: str) -> dict:
     """The entries of `state` under `prefix` ("model."), with the prefix removed."""
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def start_run_dir(output_dir: str | Path, recipe, overwrite: bool, resuming: bool = False,
-                  restart: bool = False) -> Path:  # fmt: skip
-    """Lock the run's output directory (creating it), check what is in it, and save the resolved recipe there.
-
-    What the run writes (RUN_FILES, checkpoint-N/, final/) must be absent or lora-rl's, else nothing is touched and
-    the error names it. A previous run there is refused unless the run is resumed, or
-    `overwrite` (or `restart`: `--resume auto` found no checkpoint to continue) deletes it first.
-    """
-    from lora_rl.run_lock import release_lock, take_lock
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    take_lock(out)
-    try:
-        recover_interrupted_saves(out)
-        recorded = read_run_record(out)
-        entries = [out / name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
-        entries += [p for p in out.iterdir() if re.fullmatch(r"checkpoint-\d+|final", p.name)]
-        refuse_foreign(entries, recorded)
-        previous = [p for p in entries if p.name != "recipe.yaml"]
-        if previous and not resuming:
-            _clear_previous_run(out, previous, overwrite, restart)
-        write_file_atomically(out / RUN_RECORD, json.dumps({"files": sorted({*recorded, *RUN_FILES})}) + "\n")
-        recipe.save(out / "recipe.yaml")
-    except BaseException:
-        release_lock(out)
-        raise
-    return out
-
-
-def _clear_previous_run(out: Path, previous: list[Path], overwrite: bool, restart: bool) -> None:
-    names = ", ".join(sorted(p.name for p in previous))
-    if not (overwrite or restart):
-        raise CheckpointError(f"output_dir: {out} already holds a run ({names}); choose another output_dir, "
-                              "or pass --overwrite to replace it")  # fmt: skip
-    if restart:
-        from lora_rl import display  # not at the top: display imports the model code
-
-        display.print_warnings([f"resume auto: {out} holds no checkpoint; starting fresh (deleting {names})"])
-    for path in previous:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def read_run_record(directory: Path) -> set[str]:
-    """The run files lora-rl recorded writing in `directory` (none when there is no readable record)."""
-    try:
-        return set(json.loads((Path(directory) / RUN_RECORD).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
 
 
 def recover_interrupted_saves(directory: Path) -> None:

@@ -22,8 +22,8 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from lora_rl.checkpoint import CheckpointError
-from lora_rl.model import ModelError, quiet_transformers
+from lora_rl.models.build import ModelError, quiet_transformers
+from lora_rl.training.checkpoint import CheckpointError
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

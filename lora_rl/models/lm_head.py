@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PretrainedConfig
 
-from lora_rl.reward_model import transformers_model
+from lora_rl.models.reward_model import transformers_model
 
 
 def _softcap(config, logits: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lora_rl import checkpoint, display, run_lock, train_state
+from lora_rl import display
 from lora_rl.data import DataError, EpochSampler, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
-from lora_rl.model import Built, base_fingerprint, build, check_model_files, materialize_builtins
+from lora_rl.models.build import Built, base_fingerprint, build, check_model_files, materialize_builtins
+from lora_rl.models.reward_model import PACKABLE_ATTENTION, RewardModel, bradley_terry, transformers_model
 from lora_rl.recipe import Recipe, RecipeError
-from lora_rl.reward_model import PACKABLE_ATTENTION, RewardModel, bradley_terry, transformers_model
-from lora_rl.train_state import Interrupt, Interrupted
+from lora_rl.training import checkpoint, distributed, guards, trackers
+from lora_rl.training import lock as run_lock
+from lora_rl.training import resume as resuming
+from lora_rl.training import state as run_state
+from lora_rl.training.interrupt import Interrupt, Interrupted
 
 
 @run_lock.releases_lock
@@ -33,24 +37,24 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
 
     # 1. Everything that can be wrong with the input is found before any model loads.
     train_rows, eval_rows = check_inputs(recipe)
-    if finished := train_state.finished_run(recipe, resume):
+    if finished := resuming.finished_run(recipe, resume):
         return finished
-    resume_dir = train_state.find_resume(recipe, resume, allow_changes)
+    resume_dir = resuming.find_resume(recipe, resume, allow_changes)
     materialize_builtins(recipe)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,
-        **train_state.tracker_options(recipe),
+        **trackers.tracker_options(recipe),
     )
-    if problems := train_state.launch_problems(accelerator):
+    if problems := distributed.launch_problems(accelerator):
         raise RecipeError(problems)
     main = accelerator.is_main_process
-    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir, resume)
-    train_state.start_trackers(accelerator, recipe)
+    out = resuming.start_output(accelerator, recipe, overwrite, resume_dir, resume)
+    trackers.start_trackers(accelerator, recipe)
 
     # 2. Model (from the checkpoint when resuming), data, optimizer.
     set_seed(recipe.seed)
-    built = build(train_state.resumed_recipe(recipe, resume_dir), "reward")
+    built = build(resuming.resumed_recipe(recipe, resume_dir), "reward")
     if main:
         display.print_model_report(built.report)
     train_set = tokenize(train_rows, built, recipe, "train", main)
@@ -75,25 +79,25 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     scheduler = make_scheduler(optimizer, recipe, total_steps)
     position = Position()
     if resume_dir:
-        saved, optimizer_saved = train_state.read_state(resume_dir, {}, accelerator.process_index)
-        train_state.load_optimizer_state(accelerator, model, optimizer, optimizer_saved)
+        saved, optimizer_saved = run_state.read_state(resume_dir, {}, accelerator.process_index)
+        run_state.load_optimizer_state(accelerator, model, optimizer, optimizer_saved)
         scheduler.load_state_dict(saved["scheduler"])
         position = Position(**saved["position"])
         if main:
-            train_state.trim_metrics(out / "metrics.jsonl", "step", position.step)
+            resuming.trim_metrics(out / "metrics.jsonl", "step", position.step)
 
     # 3. Train: one optimizer step per `gradient_accumulation_steps` micro-batches.
     def save(name: str, step: int) -> Path:
-        rng = train_state.rng_states_of_all_ranks()
-        optimizer_state = train_state.optimizer_state(accelerator, model, optimizer)
+        rng = run_state.rng_states_of_all_ranks()
+        optimizer_state = run_state.optimizer_state(accelerator, model, optimizer)
 
         def state(tmp: Path) -> None:
             saved = {"position": position.__dict__, "scheduler": scheduler.state_dict()}
-            train_state.write_state(tmp, optimizer_state, saved, {}, rng)
+            run_state.write_state(tmp, optimizer_state, saved, {}, rng)
 
         directory = save_checkpoint(accelerator, model, built, recipe, out / name, step, also=state)
         if main:
-            train_state.rotate(out, recipe.train.save_total_limit)
+            resuming.rotate(out, recipe.train.save_total_limit)
         return directory
 
     per_micro_batch = recipe.train.batch_size * accelerator.num_processes
@@ -127,7 +131,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
                 if bad:  # the weights did not change: the step counts, its metrics do not
                     position.bad_in_a_row += 1
                     limit = recipe.train.max_bad_steps
-                    train_state.skip_or_stop(f"step {position.step}: {bad}", position.bad_in_a_row, limit, "step",
+                    guards.skip_or_stop(f"step {position.step}: {bad}", position.bad_in_a_row, limit, "step",
                                              "train.max_bad_steps", main)  # fmt: skip
                 else:
                     position.bad_in_a_row = 0
@@ -185,17 +189,17 @@ def step_problem(accelerator, model, recipe: Recipe, results: list) -> str | Non
     found = None
     if not torch.isfinite(torch.stack([result.loss.detach() for result, _ in results])).all():
         found = "non-finite loss"
-    finite = train_state.clip_gradients(accelerator, model, recipe.train.max_grad_norm)
+    finite = guards.clip_gradients(accelerator, model, recipe.train.max_grad_norm)
     if not finite and accelerator.scaler is None:
         found = found or "non-finite gradient norm"
-    return train_state.on_any_process(accelerator, found)
+    return distributed.on_any_process(accelerator, found)
 
 
 def check_inputs(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     """Every check train-reward makes before it loads a model, also run by `validate --for train-reward`: mixed
     precision, the model and adapter files, the preference pairs. Returns the (train, eval) rows."""
-    train_state.check_mixed_precision(recipe.train.mixed_precision)
-    train_state.check_trackers(recipe)
+    guards.check_mixed_precision(recipe.train.mixed_precision)
+    trackers.check_trackers(recipe)
     check_model_files(recipe)
     return load_split(recipe)
 

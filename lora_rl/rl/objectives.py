@@ -14,10 +14,10 @@ from typing import NamedTuple
 
 import torch
 
-from lora_rl import advantages as estimators
-from lora_rl import ppo
 from lora_rl.recipe import Recipe
-from lora_rl.rollout import Rollout
+from lora_rl.rl import advantages as estimators
+from lora_rl.rl import ppo
+from lora_rl.rl.rollout import Rollout
 
 
 class Advantages(NamedTuple):

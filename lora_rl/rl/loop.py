@@ -1,165 +1,38 @@
-"""`lora-rl ppo` and `lora-rl grpo`: one RL loop with a LoRA policy on one shared frozen base.
-
-run(recipe, command): check everything -> one base serving policy, reference, critic (ppo) and reward -> for
-each update: (1) sample (grpo: a group of completions per prompt) (2) score (3)-(4) advantages (ppo: KL-shaped
-rewards, GAE, whitening; grpo: group-relative estimators; lora_rl.objectives) (5) epochs over micro-batches
-(6) KL controller / group statistics (7) log (8) checkpoint. Non-finite values undo the whole update.
+"""The parts of the one RL loop (lora_rl.commands.rl runs it): prompt batches and the data position, sampling
+on every process, finiteness checks, the undo snapshot of an update, the optimisation epochs, metrics, saving.
 """
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from lora_rl import checkpoint, display, ppo, run_lock, samples, train_state
+from lora_rl import display
 from lora_rl.data import Tokenized, pad, tokenize_prompts
-from lora_rl.model import (
+from lora_rl.models.build import (
     Built,
     base_fingerprint,
-    build,
-    materialize_builtins,
 )
-from lora_rl.objectives import Advantages, objective_for
 from lora_rl.recipe import Recipe
-from lora_rl.rewards import (
+from lora_rl.rl import ppo
+from lora_rl.rl.objectives import Advantages
+from lora_rl.rl.rewards import (
     RewardError,
-    StepState,
     reward_metrics,
 )
-from lora_rl.rl_setup import Schedule, chat_template_warnings, check_inputs, check_launch, schedule_of, setup_roles
-from lora_rl.roles import (
+from lora_rl.rl.roles import (
     CRITIC,
-    ActorCritic,
     Roles,
 )
-from lora_rl.rollout import Rollout, collect
-from lora_rl.train_state import BadUpdate, Interrupt, Interrupted, on_any_process
-
-
-@run_lock.releases_lock
-def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False,
-        command: str = "ppo", recipe_dir: Path | None = None) -> Path:  # fmt: skip
-    """Run the `ppo` or `grpo` recipe; returns the final policy adapter directory.
-
-    `resume` (or train.resume): "auto", a checkpoint or a run directory to continue from. `recipe_dir`: where the
-    recipe file is, searched first for reward.function's module.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    # 1. Everything that can be wrong with the input, before any model loads.
-    recipe, rows, terms = check_inputs(recipe, recipe_dir, command)
-    schedule = schedule_of(recipe, command)
-    if finished := train_state.finished_run(recipe, resume):
-        return finished
-    resume_dir = train_state.find_resume(recipe, resume, allow_changes)
-    materialize_builtins(recipe)
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,  # accumulation is handled below
-                              **train_state.tracker_options(recipe))  # fmt: skip
-    check_launch(accelerator, recipe, schedule, len(rows))
-    main = accelerator.is_main_process
-    if main:
-        display.print_warnings(chat_template_warnings(recipe))
-    out = train_state.start_output(accelerator, recipe, overwrite, resume_dir, resume, unit="update")
-    train_state.start_trackers(accelerator, recipe)
-
-    # 2. One base, every role (the policy, value head and critic from the checkpoint when resuming).
-    set_seed(recipe.seed)
-    built = build(train_state.resumed_recipe(recipe, resume_dir), "causal-lm")
-    if main:
-        display.print_model_report(built.report)
-    objective = objective_for(command, recipe)
-    roles = setup_roles(built, recipe, terms, schedule, objective, resume_dir)
-    actor_critic = ActorCritic(roles, recipe.generation.temperature)
-    params = [p for p in actor_critic.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
-    trained, optimizer = accelerator.prepare(actor_critic, optimizer)
-    roles.place(accelerator.device)
-    batches = PromptBatches(rows, built.tokenizer, recipe, schedule, accelerator)
-    generators = {"minibatch": torch.Generator().manual_seed(recipe.seed)}
-    position = Position()
-    # Each process samples its own completions: same weights (DDP broadcast rank 0's), its own sampling stream.
-    torch.manual_seed(recipe.seed + accelerator.process_index)
-    if resume_dir:
-        saved, optimizer_saved = train_state.read_state(resume_dir, generators, accelerator.process_index)
-        train_state.load_optimizer_state(accelerator, trained, optimizer, optimizer_saved)
-        position = Position(**saved["position"])
-        objective.load_state_dict(saved)
-        if main:  # lines past the checkpoint are written again
-            train_state.trim_metrics(out / "metrics.jsonl", "update", position.update)
-            train_state.trim_metrics(out / samples.FILE, "update", position.update)
-
-    def save(name: str, update: int) -> Path:
-        state = {"position": position.__dict__, **objective.state_dict()}
-        rng = train_state.rng_states_of_all_ranks()
-        optimizer_state = train_state.optimizer_state(accelerator, trained, optimizer)
-
-        def write_state(tmp: Path) -> None:
-            train_state.write_state(tmp, optimizer_state, state, generators, rng)
-
-        directory = save_policy(accelerator, trained, roles, built, recipe, out / name, update, write_state)
-        if main:
-            train_state.rotate(out, recipe.train.save_total_limit)
-        return directory
-
-    total = schedule.updates
-    with display.Progress(total, command, enabled=main) as progress, Interrupt(accelerator).installed() as interrupt:
-        progress.update(position.update, {})
-        while position.update < total:
-            position.update += 1
-            update = position.update
-            prompt_rows, prompt_ids, prompt_mask = batches.next(position)
-            snapshot = UpdateSnapshot(trained, optimizer, objective.moments)  # a skipped update is undone whole
-            try:
-                # (1)-(2) sample with the policy; old log-probs, values, reference log-probs, scores; inside the
-                # prepared module's forward, where FSDP gathers the shared base's blocks
-                sample = partial(collect, actor_critic, roles, built.tokenizer, prompt_rows, prompt_ids, prompt_mask,
-                                 recipe.generation, objective.needs_reference,
-                                 StepState(update - 1, total))  # fmt: skip
-                rollout, timings = sample_everywhere(accelerator, trained, sample, schedule, update)
-                check_finite(accelerator, update, rollout)
-                # (3)-(4) advantages: ppo's KL-shaped rewards + GAE, or grpo's group-relative estimators
-                found = objective.advantages(accelerator, rollout)
-                # (5) epochs over micro-batches, an optimizer step per accumulation group
-                started = time.perf_counter()
-                stats = optimise(accelerator, trained, optimizer, rollout, found, objective, recipe,
-                                 schedule.epochs, generators["minibatch"], update)  # fmt: skip
-            except BadUpdate as err:
-                snapshot.restore()
-                position.bad_in_a_row += 1
-                train_state.skip_or_stop(str(err), position.bad_in_a_row, schedule.max_bad_updates, "update",
-                                         f"{command}.max_bad_updates", main)  # fmt: skip
-                continue
-            position.bad_in_a_row = 0
-            # (6) KL controller (ppo), group statistics (grpo); (7) log, and what the policy wrote
-            record = {"update": update, **rollout_metrics(accelerator, rollout),
-                      **objective.after_update(accelerator, rollout, found), **stats,
-                      "time_generate": timings.generate, "time_score": timings.score,
-                      "time_train": time.perf_counter() - started}  # fmt: skip
-            if main:
-                display.log_metrics(accelerator, out, record, "update")
-                if samples.due(update, recipe.train.samples_every):
-                    written = samples.pick(rollout, prompt_rows, built.tokenizer, recipe.train.num_samples, update)
-                    samples.log(accelerator, out, written)
-            shown = {k: record[k] for k in ("reward", "kl") if k in record}
-            progress.update(update, {**shown, "len": record["response_length"]})
-            # (8) checkpoint, never from a skipped update
-            if update < total and interrupt.requested_anywhere():
-                raise Interrupted(save(f"checkpoint-{update}", update), update)
-            if recipe.train.save_every and update - position.last_saved >= recipe.train.save_every and update < total:
-                position.last_saved = update
-                save(f"checkpoint-{update}", update)
-    final = save("final", total)
-    accelerator.end_training()  # the trackers flush and close
-    if main:
-        display.console.print(f"saved {final}", highlight=False)
-    return final
+from lora_rl.rl.rollout import Rollout
+from lora_rl.rl.setup import Schedule
+from lora_rl.training import checkpoint, guards
+from lora_rl.training.distributed import on_any_process
+from lora_rl.training.guards import BadUpdate
 
 
 @dataclass
@@ -319,7 +192,7 @@ def optimise(accelerator, model, optimizer, rollout: Rollout, found: Advantages,
                 sums[name] = sums.get(name, 0.0) + value.item()
                 counts[name] = counts.get(name, 0) + 1
             if boundary:
-                if not train_state.clip_gradients(accelerator, model, recipe.train.max_grad_norm):
+                if not guards.clip_gradients(accelerator, model, recipe.train.max_grad_norm):
                     if accelerator.scaler is None:
                         optimizer.zero_grad(set_to_none=True)
                         raise BadUpdate(f"update {update}: non-finite gradient norm")

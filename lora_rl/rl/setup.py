@@ -12,9 +12,9 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from lora_rl import builtin, checkpoint, train_state
+from lora_rl import builtin
 from lora_rl.data import check_chat_template
-from lora_rl.model import (
+from lora_rl.models.build import (
     Built,
     check_model_dir,
     check_model_files,
@@ -25,10 +25,10 @@ from lora_rl.model import (
     load_tokenizer,
     resolve_path,
 )
+from lora_rl.models.reward_model import RewardModel
 from lora_rl.recipe import Recipe, RecipeError, trained_chat_template
-from lora_rl.reward_model import RewardModel
-from lora_rl.rewards import RewardError, RewardTerm, check_terms, data_columns, load_prompt_rows
-from lora_rl.roles import (
+from lora_rl.rl.rewards import RewardError, RewardTerm, check_terms, data_columns, load_prompt_rows
+from lora_rl.rl.roles import (
     CRITIC,
     Roles,
     attach_critic,
@@ -36,6 +36,7 @@ from lora_rl.roles import (
     attach_reward_adapter,
     import_reward_function,
 )
+from lora_rl.training import checkpoint, distributed, trackers
 
 
 class Schedule(NamedTuple):
@@ -74,7 +75,7 @@ def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
     against the data's columns). Returns the recipe as it will run (see `with_chat_prompts`), the prompt rows
     and the reward functions."""
     check_recipe(recipe, command)
-    train_state.check_trackers(recipe)
+    trackers.check_trackers(recipe)
     check_model_files(recipe, causal_lm=True)
     if recipe.reward.adapter:
         checkpoint.read_adapter_config(Path(recipe.reward.adapter))
@@ -138,7 +139,7 @@ def check_recipe(recipe: Recipe, command: str = "ppo") -> None:
 
 def check_launch(accelerator, recipe: Recipe, schedule: Schedule, prompts: int) -> None:
     """Problems that depend on how the command was launched."""
-    problems = train_state.launch_problems(accelerator)
+    problems = distributed.launch_problems(accelerator)
     if accelerator.distributed_type.value == "DEEPSPEED":
         problems.append(f"{schedule.command}: DeepSpeed is not supported yet (the loop accumulates gradients itself, "
                         "DeepSpeed steps inside backward): launch with recipes/accelerate/fsdp.yaml or "

@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from lora_rl.ppo import gae, kl_per_token, kl_shaped_rewards, masked_mean, masked_whiten
+from lora_rl.rl.ppo import gae, kl_per_token, kl_shaped_rewards, masked_mean, masked_whiten
 
 RewardScale = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "dapo", "dr_grpo"]

@@ -30,14 +30,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lora_rl import checkpoint
 from lora_rl.data import pad, with_eos
-from lora_rl.lm_head import lm_logits
-from lora_rl.model import ModelError, base_contradictions
-from lora_rl.ppo import entropy_from_logits, gather_logprobs
+from lora_rl.models.build import ModelError, base_contradictions
+from lora_rl.models.lm_head import lm_logits
+from lora_rl.models.reward_model import at_last_token, hidden_states, no_split_modules, transformers_model
 from lora_rl.recipe import one_line
-from lora_rl.reward_model import at_last_token, hidden_states, no_split_modules, transformers_model
-from lora_rl.rewards import RewardTerm
+from lora_rl.rl.ppo import entropy_from_logits, gather_logprobs
+from lora_rl.rl.rewards import RewardTerm
+from lora_rl.training import checkpoint
 
 POLICY, CRITIC, REWARD, REFERENCE = "default", "critic", "reward", "reference"
 RewardFunction = Callable[..., list[float | None]]
@@ -53,7 +53,7 @@ class Roles:
     critic_adapter: str | None  # None: shared critic (one forward gives logits and values)
     reference_adapter: str | None  # None: the base with adapters off
     reward_head: nn.Linear | None = None  # the reward adapter's score layer
-    reward_model: nn.Module | None = None  # a separate sequence classifier (lora_rl.reward_model.RewardModel)
+    reward_model: nn.Module | None = None  # a separate sequence classifier (lora_rl.models.reward_model.RewardModel)
     reward_tokenizer: object = None
     reward_chat_template: bool = False  # the separate reward model reads prompts in the chat template
     reward_terms: list[RewardTerm] | None = None  # reward functions with their weights

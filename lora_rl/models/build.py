@@ -18,8 +18,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lora_rl import builtin, checkpoint, lm_head
+from lora_rl import builtin
+from lora_rl.models import lm_head
 from lora_rl.recipe import DEFAULT_TARGET_MODULES, ModelConfig, Recipe, one_line
+from lora_rl.training import checkpoint
 
 Head = Literal["causal-lm", "reward"]
 PEFT_TASK = {"causal-lm": "CAUSAL_LM", "reward": "SEQ_CLS"}

@@ -1,0 +1,7 @@
+"""Trained adapters against their base: reading an adapter directory into a spec (merge.read_adapter), merging
+it in memory or streaming it shard by shard (streaming_merge), and `lora-rl merge` itself.
+
+May import: models (to load a base), training (checkpoint files), and the foundation. Never rl, commands or cli.
+Adapter *files* (config, weights, pickle refusal, atomic save) are read and written in training.checkpoint,
+below models, because building a model reads them too.
+"""

@@ -1,0 +1,211 @@
+"""`lora-rl ppo` and `lora-rl grpo`: one RL loop with a LoRA policy on one shared frozen base.
+
+run(recipe, command): check everything -> one base serving policy, reference, critic (ppo) and reward -> for
+each update: (1) sample (grpo: a group of completions per prompt) (2) score (3)-(4) advantages (ppo: KL-shaped
+rewards, GAE, whitening; grpo: group-relative estimators; lora_rl.rl.objectives) (5) epochs over micro-batches
+(6) KL controller / group statistics (7) log (8) checkpoint. Non-finite values undo the whole update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from lora_rl import display
+from lora_rl.models.build import Built, build, materialize_builtins
+from lora_rl.recipe import Recipe
+from lora_rl.rl import samples
+from lora_rl.rl.loop import (
+    Position,
+    PromptBatches,
+    UpdateSnapshot,
+    check_finite,
+    optimise,
+    rollout_metrics,
+    sample_everywhere,
+    save_policy,
+)
+from lora_rl.rl.objectives import objective_for
+from lora_rl.rl.rewards import RewardTerm, StepState
+from lora_rl.rl.roles import ActorCritic, Roles
+from lora_rl.rl.rollout import collect
+from lora_rl.rl.setup import Schedule, chat_template_warnings, check_inputs, check_launch, schedule_of, setup_roles
+from lora_rl.training import guards, trackers
+from lora_rl.training import lock as run_lock
+from lora_rl.training import resume as resuming
+from lora_rl.training import state as run_state
+from lora_rl.training.guards import BadUpdate
+from lora_rl.training.interrupt import Interrupt, Interrupted
+
+
+@run_lock.releases_lock
+def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allow_changes: bool = False,
+        command: str = "ppo", recipe_dir: Path | None = None) -> Path:  # fmt: skip
+    """Run the `ppo` or `grpo` recipe; returns the final policy adapter directory.
+
+    `resume` (or train.resume): "auto", a checkpoint or a run directory to continue from. `recipe_dir`: where the
+    recipe file is, searched first for reward.function's module.
+    """
+    # 1. Everything that can be wrong with the input, before any model loads.
+    recipe, rows, terms = check_inputs(recipe, recipe_dir, command)
+    schedule = schedule_of(recipe, command)
+    if finished := resuming.finished_run(recipe, resume):
+        return finished
+    resume_dir = resuming.find_resume(recipe, resume, allow_changes)
+    # 2. One base, every role (the policy, value head and critic from the checkpoint when resuming).
+    trainer = setup(recipe, rows, terms, schedule, overwrite, resume, resume_dir)
+    # 3. The updates, then the final adapter.
+    trainer.train()
+    final = trainer.save("final", schedule.updates)
+    trainer.accelerator.end_training()  # the trackers flush and close
+    if trainer.main:
+        display.console.print(f"saved {final}", highlight=False)
+    return final
+
+
+def setup(recipe: Recipe, rows: list[dict], terms: list[RewardTerm] | None, schedule: Schedule, overwrite: bool,
+          resume: str | None, resume_dir: Path | None) -> Trainer:  # fmt: skip
+    """The accelerator, the output directory, the model serving every role, the optimizer, the prompt batches;
+    restored from `resume_dir` when resuming."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    materialize_builtins(recipe)
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,  # accumulation is handled below
+                              **trackers.tracker_options(recipe))  # fmt: skip
+    check_launch(accelerator, recipe, schedule, len(rows))
+    if accelerator.is_main_process:
+        display.print_warnings(chat_template_warnings(recipe))
+    out = resuming.start_output(accelerator, recipe, overwrite, resume_dir, resume, unit="update")
+    trackers.start_trackers(accelerator, recipe)
+
+    set_seed(recipe.seed)
+    built = build(resuming.resumed_recipe(recipe, resume_dir), "causal-lm")
+    if accelerator.is_main_process:
+        display.print_model_report(built.report)
+    objective = objective_for(schedule.command, recipe)
+    roles = setup_roles(built, recipe, terms, schedule, objective, resume_dir)
+    actor_critic = ActorCritic(roles, recipe.generation.temperature)
+    params = [p for p in actor_critic.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
+    trained, optimizer = accelerator.prepare(actor_critic, optimizer)
+    roles.place(accelerator.device)
+    trainer = Trainer(accelerator, recipe, schedule, out, built, roles, actor_critic, trained, optimizer, objective,
+                      PromptBatches(rows, built.tokenizer, recipe, schedule, accelerator))  # fmt: skip
+    # Each process samples its own completions: same weights (DDP broadcast rank 0's), its own sampling stream.
+    torch.manual_seed(recipe.seed + accelerator.process_index)
+    if resume_dir:
+        trainer.restore(resume_dir)
+    return trainer
+
+
+@dataclass
+class Trainer:
+    """The parts of one ppo or grpo run, and its loop: `train` runs the updates, `save` writes a checkpoint."""
+
+    accelerator: object
+    recipe: Recipe
+    schedule: Schedule
+    out: Path
+    built: Built
+    roles: Roles
+    actor_critic: ActorCritic
+    trained: torch.nn.Module  # actor_critic as accelerate prepared it
+    optimizer: torch.optim.Optimizer
+    objective: object  # PPOObjective | GRPOObjective
+    batches: PromptBatches
+    position: Position = None
+
+    def __post_init__(self) -> None:
+        self.generators = {"minibatch": torch.Generator().manual_seed(self.recipe.seed)}
+        self.position = self.position or Position()
+        self.main = self.accelerator.is_main_process
+
+    def restore(self, resume_dir: Path) -> None:
+        """Optimizer, RNG, data position and the objective's statistics from a checkpoint."""
+        saved, optimizer_saved = run_state.read_state(resume_dir, self.generators, self.accelerator.process_index)
+        run_state.load_optimizer_state(self.accelerator, self.trained, self.optimizer, optimizer_saved)
+        self.position = Position(**saved["position"])
+        self.objective.load_state_dict(saved)
+        if self.main:  # lines past the checkpoint are written again
+            resuming.trim_metrics(self.out / "metrics.jsonl", "update", self.position.update)
+            resuming.trim_metrics(self.out / samples.FILE, "update", self.position.update)
+
+    def save(self, name: str, update: int) -> Path:
+        """checkpoint-N/ or final/: the policy and what resuming needs; old checkpoints rotated out."""
+        state = {"position": self.position.__dict__, **self.objective.state_dict()}
+        rng = run_state.rng_states_of_all_ranks()
+        optimizer_state = run_state.optimizer_state(self.accelerator, self.trained, self.optimizer)
+
+        def write_state(tmp: Path) -> None:
+            run_state.write_state(tmp, optimizer_state, state, self.generators, rng)
+
+        directory = save_policy(self.accelerator, self.trained, self.roles, self.built, self.recipe,
+                                self.out / name, update, write_state)  # fmt: skip
+        if self.main:
+            resuming.rotate(self.out, self.recipe.train.save_total_limit)
+        return directory
+
+    def train(self) -> None:
+        """Every update left; Ctrl-C saves at the next update boundary (Interrupted)."""
+        total, position = self.schedule.updates, self.position
+        with display.Progress(total, self.schedule.command, enabled=self.main) as progress, \
+                Interrupt(self.accelerator).installed() as interrupt:  # fmt: skip
+            progress.update(position.update, {})
+            while position.update < total:
+                position.update += 1
+                update = position.update
+                record = self.update(update)
+                if record is None:
+                    continue
+                shown = {k: record[k] for k in ("reward", "kl") if k in record}
+                progress.update(update, {**shown, "len": record["response_length"]})
+                # (8) checkpoint, never from a skipped update
+                if update < total and interrupt.requested_anywhere():
+                    raise Interrupted(self.save(f"checkpoint-{update}", update), update)
+                every = self.recipe.train.save_every
+                if every and update - position.last_saved >= every and update < total:
+                    position.last_saved = update
+                    self.save(f"checkpoint-{update}", update)
+
+    def update(self, update: int) -> dict | None:
+        """One update, (1)-(7); its metrics record, or None when a non-finite value undid it."""
+        recipe, objective, accelerator = self.recipe, self.objective, self.accelerator
+        prompt_rows, prompt_ids, prompt_mask = self.batches.next(self.position)
+        snapshot = UpdateSnapshot(self.trained, self.optimizer, objective.moments)  # a skipped update is undone whole
+        try:
+            # (1)-(2) sample with the policy; old log-probs, values, reference log-probs, scores; inside the
+            # prepared module's forward, where FSDP gathers the shared base's blocks
+            sample = partial(collect, self.actor_critic, self.roles, self.built.tokenizer, prompt_rows, prompt_ids,
+                             prompt_mask, recipe.generation, objective.needs_reference,
+                             StepState(update - 1, self.schedule.updates))  # fmt: skip
+            rollout, timings = sample_everywhere(accelerator, self.trained, sample, self.schedule, update)
+            check_finite(accelerator, update, rollout)
+            # (3)-(4) advantages: ppo's KL-shaped rewards + GAE, or grpo's group-relative estimators
+            found = objective.advantages(accelerator, rollout)
+            # (5) epochs over micro-batches, an optimizer step per accumulation group
+            started = time.perf_counter()
+            stats = optimise(accelerator, self.trained, self.optimizer, rollout, found, objective, recipe,
+                             self.schedule.epochs, self.generators["minibatch"], update)  # fmt: skip
+        except BadUpdate as err:
+            snapshot.restore()
+            self.position.bad_in_a_row += 1
+            guards.skip_or_stop(str(err), self.position.bad_in_a_row, self.schedule.max_bad_updates, "update",
+                                f"{self.schedule.command}.max_bad_updates", self.main)  # fmt: skip
+            return None
+        self.position.bad_in_a_row = 0
+        # (6) KL controller (ppo), group statistics (grpo); (7) log, and what the policy wrote
+        record = {"update": update, **rollout_metrics(accelerator, rollout),
+                  **objective.after_update(accelerator, rollout, found), **stats,
+                  "time_generate": timings.generate, "time_score": timings.score,
+                  "time_train": time.perf_counter() - started}  # fmt: skip
+        if self.main:
+            display.log_metrics(accelerator, self.out, record, "update")
+            if samples.due(update, recipe.train.samples_every):
+                written = samples.pick(rollout, prompt_rows, self.built.tokenizer, recipe.train.num_samples, update)
+                samples.log(accelerator, self.out, written)
+        return record

@@ -1,0 +1,43 @@
+"""Several processes: what sharded setups cannot run, agreeing on one process's note, ending the group cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+
+def launch_problems(accelerator) -> list[str]:
+    """What the sharded setups cannot run (both commands)."""
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type.value == "FSDP" else None
+    if plugin is not None and plugin.fsdp_version == 1:
+        return ["FSDP: fsdp_version 1 cannot save the adapter (peft 0.21 misses the LoRA weights of blocks FSDP1 "
+                "wraps one by one): use fsdp_version: 2, as recipes/accelerate/fsdp.yaml does"]  # fmt: skip
+    return []
+
+
+def on_any_process(accelerator, note: str | None) -> str | None:
+    """The first process's `note` (e.g. what went wrong there), on every process. Processes that take
+    different branches (one skips an update, one stops for Ctrl-C) would wait in a collective forever."""
+    from accelerate.utils import gather_object
+
+    if accelerator.num_processes == 1:
+        return note
+    notes = gather_object([note])
+    return next((f"{n} (process {rank})" for rank, n in enumerate(notes) if n is not None), None)
+
+
+def end_distributed_run(exit_code: int) -> None:
+    """With several processes, once all finished together (the last save done): leave the process group and
+    exit at once. Left to interpreter shutdown, gloo's threads outlive destroy_process_group and can abort
+    the process ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291) after
+    everything was saved, and the launcher then reports the whole run as failed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
