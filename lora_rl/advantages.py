@@ -121,7 +121,12 @@ def reinforce_pp_returns(
     Per-token reward r_t = -kl_coef * kl_t, plus the score on the row's last valid token; the return-to-go
     R_t = sum_{s >= t} gamma^(s-t) r_s; then whitened over every valid token of the batch.
 
-    Matches verl exactly (trainer/ppo/core_algos.py: compute_reinforce_plus_plus_outcome_advantage with
+    Pass k1 as `kl` (logp - ref_logp, kl_per_token(..., "k1")), as verl (apply_kl_penalty, kl_penalty "kl") and
+    OpenRLHF do: as a reward, k1's expected score-function gradient E[grad log pi * -k1] is exactly
+    -grad KL(pi || ref). k3 is unbiased for the KL's value but biased as a reward: its expected gradient has an
+    extra -grad sum_x ref(x) log pi(x).
+
+    With k1, matches verl (trainer/ppo/core_algos.py: compute_reinforce_plus_plus_outcome_advantage with
     ray_trainer.apply_kl_penalty's token_level_rewards; utils/torch_functional.py: masked_whiten): unbiased
     (n - 1) variance, (R - mean) * rsqrt(var + 1e-8), masked tail 0. OpenRLHF's estimator "reinforce"
     (trainer/ppo_utils/experience_maker.py: get_cumulative_returns, compute_advantages_and_returns;

@@ -118,8 +118,13 @@ class GRPOObjective:
         elif cfg.advantage == "rloo":
             found = estimators.rloo_advantages(rollout.scores, group, rollout.judged)
         else:  # REINFORCE++: the KL penalty is folded into the per-token rewards, not the loss
-            zero = torch.zeros_like(rollout.logprobs)
-            found = estimators.reinforce_pp_returns(rollout.scores, zero if kl is None else kl, rollout.mask, cfg.beta)
+            # k1 in the rewards: as a reward, its expected score-function gradient is exactly -grad KL(policy || ref);
+            # k3's is not (it adds -grad sum_x ref(x) log policy(x)). `kl` stays k3: the logged "kl", as TRL's
+            if self.needs_reference:
+                penalty = ppo.kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k1")
+            else:
+                penalty = torch.zeros_like(rollout.logprobs)
+            found = estimators.reinforce_pp_returns(rollout.scores, penalty, rollout.mask, cfg.beta)
         return Advantages(found, None, kl)
 
     def loss(self, out, rollout: Rollout, index: torch.Tensor, found: Advantages, normalizer) -> tuple:

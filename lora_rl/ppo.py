@@ -108,7 +108,11 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_si
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
     """(B, T) log-probs of the sampled tokens under the policy that sampled them and under the reference ->
-    (B, T) per-token estimates of KL(policy || reference) (Schulman, "Approximating KL Divergence", 2020)."""
+    (B, T) per-token estimates of KL(policy || reference) (Schulman, "Approximating KL Divergence", 2020).
+
+    "Unbiased" below is about the KL's value. Used as a reward (kl_shaped_rewards, REINFORCE++), what counts is
+    the expected policy gradient E[grad log pi * -k]: only k1 gives -grad KL exactly; k3 adds
+    -grad sum_x ref(x) log pi(x) (tests/test_kl_reward.py enumerates a small policy)."""
     log_r = ref_logp - logp  # r = ref(x) / policy(x), x ~ policy
     if estimator == "k1":
         return -log_r  # k1 = -log r: unbiased, high variance, negative on some tokens
