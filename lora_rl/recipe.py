@@ -170,7 +170,11 @@ class PPOConfig:
         None, "KL reference: the base (adapters off) or the starting adapter; null: initial_adapter with lora_path"
     )
     kl_coef: float = key(0.05, "initial coefficient of the per-token KL penalty", NON_NEGATIVE)
-    kl_estimator: Literal["k1", "k3"] = key("k1", "per-token KL estimator: k1 = log ratio, k3 = Schulman's unbiased")
+    kl_estimator: Literal["k1", "k3"] = key(
+        "k1",
+        "per-token KL estimator in the rewards: k1 = log ratio (in expectation, the KL's exact gradient); k3 = "
+        "Schulman's low-variance estimate of the KL's value, biased as a reward",
+    )
     adaptive_kl: bool = key(False, "adapt kl_coef towards target_kl (Ziegler et al. 2019)")
     target_kl: float = key(6.0, "adaptive KL: target KL per sequence", POSITIVE)
     kl_horizon: int = key(10000, "adaptive KL: horizon in rollout samples", POSITIVE_INT)
@@ -223,7 +227,7 @@ class GRPOConfig:
                               POSITIVE_INT)  # fmt: skip
     beta: float = key(
         0.0,
-        "KL coefficient against the reference (k3 in the loss; reinforce_pp: in the rewards); 0 runs no "
+        "KL coefficient against the reference (k3 in the loss; reinforce_pp: k1 in the rewards); 0 runs no "
         "reference forward at all",
         NON_NEGATIVE,
     )

@@ -207,3 +207,27 @@ def test_two_process_grpo_runs_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     timing = lambda m: {k: v for k, v in m.items() if not k.startswith("time_")}  # noqa: E731
     assert [timing(m) for m in lines] == [timing(m) for m in metrics(crashed)]
+
+
+def test_batch_statistics_are_over_every_process_s_rows(tmp_path):
+    """grpo.scale_rewards: batch (TRL gathers the rewards) and REINFORCE++'s whitening (verl whitens the global
+    batch): 2 processes holding half a batch each get the advantages 1 process gets holding all of it."""
+    from tests import distributed_advantages as worker
+    from tests.test_kl_reward import OneProcess, rollout
+
+    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}", "ACCELERATE_USE_CPU": "1"}
+    args = ["accelerate", "launch", "--config_file", str(ROOT / "recipes/accelerate/multi_gpu.yaml"),
+            "--num_processes", "2", "-m", "tests.distributed_advantages", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for name in worker.SETTINGS:
+        whole = worker.objective(name).advantages(OneProcess(), rollout(*worker.whole_batch())).advantages
+        for rank, rows in enumerate((slice(0, 4), slice(4, 8))):
+            mine, width = got[rank][name], got[rank][name].shape[-1]
+            torch.testing.assert_close(mine, whole[rows, :width] if mine.dim() == 2 else whole[rows], rtol=1e-5,
+                                       atol=1e-6, msg=f"{name}, process {rank}")  # fmt: skip
+            assert mine.dim() == 1 or not whole[rows, width:].any()  # past a process's own width: nothing
+            # this process's rows alone would give other advantages: the test can tell
+            alone = worker.objective(name).advantages(OneProcess(), rollout(*worker.part(rank, 2))).advantages
+            assert not torch.allclose(alone, mine, atol=1e-2), name

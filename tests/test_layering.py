@@ -34,14 +34,10 @@ def module_names() -> dict[str, Path]:
 
 def layer(module: str) -> int:
     """The index of the most specific entry of LAYERS that `module` is or lies under."""
-    best = None
-    for index, entries in enumerate(LAYERS):
-        for entry in entries:
-            if module == entry or module.startswith(entry + "."):
-                if best is None or len(entry) > best[1]:
-                    best = (index, len(entry))
-    assert best is not None, f"{module} is in no layer: add it to LAYERS and to the README's table"
-    return best[0]
+    matches = [(len(entry), index) for index, entries in enumerate(LAYERS) for entry in entries
+               if module == entry or module.startswith(entry + ".")]  # fmt: skip
+    assert matches, f"{module} is in no layer: add it to LAYERS and to the README's table"
+    return max(matches)[1]
 
 
 def runtime_imports(path: Path, modules: dict[str, Path]) -> set[str]:

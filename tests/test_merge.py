@@ -522,3 +522,39 @@ def test_merge_says_whose_tokenizer_it_copied(tmp_path, llama_adapter):
     assert result.exit_code == 0, result.output
     assert f"tokenizer: the base's ({builtin.materialize('tiny-llama')})" in result.stdout
     assert (tmp_path / "out/tokenizer.json").is_file()
+
+
+NO_TOKENIZER_TARGETS = {
+    "tiny-llama": {"target_modules": ["q_proj", "o_proj"]},
+    "tiny-gpt2": {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True},  # Conv1D layers
+}
+
+
+@pytest.mark.parametrize("mode", ["--in-memory", "--streaming"])
+@pytest.mark.parametrize("name", tiny.TINY_MODELS)
+def test_every_tiny_family_saved_without_tokenizer_files_merges_and_checks(tmp_path, name, mode):
+    """A base of config + safetensors only. transformers 5's AutoTokenizer builds GPT-2's tokenizer class from the
+    model type even with no vocabulary file: an empty tokenizer, whose probe ids could not be drawn (random_
+    expects 'from' to be less than 'to') and which would have been saved with the merged model."""
+    base = tmp_path / "base"
+    tiny.build_model(name).save_pretrained(base)  # no tokenizer files at all
+    assert not [p.name for p in base.iterdir() if "token" in p.name or p.suffix in (".txt", ".model")]
+    adapter = make_adapter(tmp_path / "adapter", base, **NO_TOKENIZER_TARGETS[name])
+    result = runner.invoke(app, ["merge", str(adapter), str(tmp_path / "out"), mode], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "tokenizer: none (neither the adapter nor the base has one); the merged model has none" in result.stdout
+    assert "check: max |logit diff|" in result.stdout
+    out = tmp_path / "out"
+    assert not [p.name for p in out.iterdir() if "token" in p.name or p.name in ("vocab.json", "merges.txt")]
+    assert_same_tensors(out, peft_merged(adapter, base))
+
+
+def test_a_directory_without_tokenizer_files_has_no_tokenizer(tmp_path):
+    """Not an empty tokenizer built from the model type (GPT-2's class needs no file to be made)."""
+    from lora_rl.models.build import load_tokenizer
+    from lora_rl.recipe import ModelConfig
+
+    for name in tiny.TINY_MODELS:
+        tiny.build_model(name).save_pretrained(tmp_path / name)
+        with pytest.raises(ModelError, match=f"base: {tmp_path / name} has no tokenizer"):
+            load_tokenizer(tmp_path / name, ModelConfig(), "base")

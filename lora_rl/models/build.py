@@ -141,6 +141,12 @@ def load_tokenizer(path: Path, cfg: ModelConfig, key: str = "actor.model.path"):
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, TypeError) as err:  # which one depends on the files that are missing
         raise ModelError(f"{key}: {path} has no tokenizer that transformers can load ({one_line(err)})") from None
+    # transformers 5 picks the class from the model type and makes a tokenizer without reading any file when the
+    # class needs none (GPT-2's BPE: an empty vocabulary, <|endoftext|> alone): not a tokenizer of this model
+    vocabulary = {"tokenizer.json", *type(tokenizer).vocab_files_names.values()}
+    if not any((Path(path) / name).is_file() for name in vocabulary):
+        files = " or ".join(sorted(vocabulary))
+        raise ModelError(f"{key}: {path} has no tokenizer that transformers can load (no {files})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

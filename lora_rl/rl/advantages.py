@@ -1,13 +1,17 @@
 """Critic-free RL math as pure functions: group advantages (GRPO, Dr. GRPO, RLOO), REINFORCE++ returns, and the
 clipped policy loss with GRPO's three aggregations (grpo, dapo, dr_grpo) and its k3 KL term.
 
-Shapes: N = completions in the batch, G = completions per prompt, P = N / G prompts, T = response length.
-Rows are prompt-major: the G completions of one prompt are adjacent (rows p*G .. p*G + G - 1). `judged` (N,)
-bool marks rows some reward function scored (see rewards.py); an unjudged row is left out of its group's
-statistics and gets advantage 0, as TRL 1.16 does with its NaN ("unscorable") rows. Group and batch statistics
-need the whole group and the whole batch: call these on rewards gathered from every process, as TRL does.
-A `mask` is (N, T), bool or 0/1, marking valid response tokens; masked values may be anything, inf and nan
-included, and reach neither an output nor a gradient. Nothing here loads a model or reads a recipe.
+Shapes: N = completions in the batch, G = completions per prompt, P = N / G prompts, T = response length. Rows are
+prompt-major: the G completions of one prompt are adjacent (rows p*G .. p*G + G - 1). `judged` (N,) bool marks rows
+some reward function scored (see rewards.py); an unjudged row is left out of its group's statistics and gets
+advantage 0, as TRL 1.16 does with its NaN ("unscorable") rows. A `mask` is (N, T), bool or 0/1, marking valid
+response tokens; masked values may be anything, inf and nan included, and reach neither an output nor a gradient.
+Nothing here loads a model or reads a recipe.
+
+Groups are whole on each process (each samples all G completions of its prompts), so group statistics are local.
+Batch statistics (scale="batch", REINFORCE++'s whitening) are those of the global batch, as TRL (it gathers the
+rewards) and verl compute them, when `reduce` sums over processes (ppo.Reduce; objectives.py passes accelerate's
+reduce); without it, of this process's rows alone.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from lora_rl.rl.ppo import gae, kl_per_token, kl_shaped_rewards, masked_mean, masked_whiten
+from lora_rl.rl.ppo import Reduce, gae, kl_per_token, kl_shaped_rewards, masked_mean, masked_moments, masked_whiten
 
 RewardScale = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "dapo", "dr_grpo"]
@@ -64,15 +68,20 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int, judged: torch.Tensor
 
 
 def grpo_advantages(
-    rewards: torch.Tensor, group_size: int, scale: RewardScale = "group", judged: torch.Tensor | None = None
+    rewards: torch.Tensor,
+    group_size: int,
+    scale: RewardScale = "group",
+    judged: torch.Tensor | None = None,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """(N,) rewards -> (N,) GRPO advantages, as TRL 1.16 GRPOTrainer._generate_and_score_completions defines them
     (multi_objective_aggregation="sum_then_normalize", its default).
 
-    scale="group": divide by the group's std (GRPO, Shao et al. 2024); "batch": by the std of the whole batch's
-    judged rewards, around the batch mean (TRL; Liu et al.'s "Understanding R1-Zero" suggests it); "none": no
-    division (Dr. GRPO, Liu et al. 2025). Stds are unbiased (torch.std, TRL's nanstd). A group whose judged
-    rewards are all equal, and every unjudged row, gets exactly 0 (TRL: about 1e-8 / 1e-4 and 0).
+    scale="group": divide by the group's std (GRPO, Shao et al. 2024); "batch": by the std of the whole batch's judged
+    rewards, around the batch mean, over every process with `reduce` (TRL, which gathers the rewards; Liu et al.'s
+    "Understanding R1-Zero" suggests it); "none": no division (Dr. GRPO, Liu et al. 2025). Stds are unbiased
+    (torch.std, TRL's nanstd). A group whose judged rewards are all equal, and every unjudged row, gets exactly 0
+    (TRL: about 1e-8 / 1e-4 and 0).
     """
     stats = group_stats(rewards, group_size, judged)
     grouped, valid = _grouped(rewards, group_size, judged)
@@ -81,17 +90,10 @@ def grpo_advantages(
     if scale == "group":
         advantages = advantages / (stats.std[:, None] + STD_EPS)
     elif scale == "batch":
-        advantages = advantages / (_batch_std(grouped, valid) + STD_EPS)
+        advantages = advantages / (masked_moments(grouped, valid, reduce)[1].sqrt() + STD_EPS)
     elif scale != "none":
         raise ValueError(f"unknown reward scale {scale!r}: expected 'group', 'batch' or 'none'")
     return torch.where(valid & ~stats.zero_std[:, None], advantages, 0).view(-1)
-
-
-def _batch_std(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Scalar unbiased std of the valid entries, around their mean (0 for fewer than two)."""
-    count = valid.sum()
-    mean = rewards.sum() / count.clamp(min=1)
-    return (torch.where(valid, rewards - mean, 0).pow(2).sum() / (count - 1).clamp(min=1)).sqrt()
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int, judged: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,15 +115,26 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, judged: torch.Tensor
 
 @torch.no_grad()
 def reinforce_pp_returns(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, gamma: float = 1.0
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    gamma: float = 1.0,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """(N,) sequence scores, (N, T) rollout-time per-token KL -> (N, T) REINFORCE++ advantages (Hu 2025), 0 where
     masked; G plays no part (no group baseline).
 
     Per-token reward r_t = -kl_coef * kl_t, plus the score on the row's last valid token; the return-to-go
-    R_t = sum_{s >= t} gamma^(s-t) r_s; then whitened over every valid token of the batch.
+    R_t = sum_{s >= t} gamma^(s-t) r_s; then whitened over every valid token of the batch (of every process's
+    batch with `reduce`, as verl whitens the global batch).
 
-    Matches verl exactly (trainer/ppo/core_algos.py: compute_reinforce_plus_plus_outcome_advantage with
+    Pass k1 as `kl` (logp - ref_logp, kl_per_token(..., "k1")), as verl (apply_kl_penalty, kl_penalty "kl") and
+    OpenRLHF do: as a reward, k1's expected score-function gradient E[grad log pi * -k1] is exactly
+    -grad KL(pi || ref). k3 is unbiased for the KL's value but biased as a reward: its expected gradient has an
+    extra -grad sum_x ref(x) log pi(x).
+
+    With k1, matches verl (trainer/ppo/core_algos.py: compute_reinforce_plus_plus_outcome_advantage with
     ray_trainer.apply_kl_penalty's token_level_rewards; utils/torch_functional.py: masked_whiten): unbiased
     (n - 1) variance, (R - mean) * rsqrt(var + 1e-8), masked tail 0. OpenRLHF's estimator "reinforce"
     (trainer/ppo_utils/experience_maker.py: get_cumulative_returns, compute_advantages_and_returns;
@@ -132,7 +145,7 @@ def reinforce_pp_returns(
     rewards = kl_shaped_rewards(scores, torch.where(mask.bool(), kl, 0), mask, kl_coef)
     # with zero values and lambda = 1, GAE's A_t = r_t + gamma * A_{t+1} is exactly the return-to-go
     returns = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0).advantages
-    return masked_whiten(returns, mask)
+    return masked_whiten(returns, mask, reduce=reduce)
 
 
 class GRPOLossOutput(NamedTuple):

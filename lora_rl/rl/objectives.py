@@ -113,13 +113,21 @@ class GRPOObjective:
     def advantages(self, accelerator, rollout: Rollout) -> Advantages:
         cfg, group = self.cfg, self.cfg.num_generations
         kl = ppo.kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k3") if self.needs_reference else None
+        # groups are whole on each process; batch statistics (scale_rewards batch, REINFORCE++'s whitening) are
+        # the global batch's: every process calls this, so every process takes part in the same collectives
+        reduce = sum_over_processes(accelerator)
         if cfg.advantage == "grpo":
-            found = estimators.grpo_advantages(rollout.scores, group, cfg.scale_rewards, rollout.judged)
+            found = estimators.grpo_advantages(rollout.scores, group, cfg.scale_rewards, rollout.judged, reduce)
         elif cfg.advantage == "rloo":
             found = estimators.rloo_advantages(rollout.scores, group, rollout.judged)
         else:  # REINFORCE++: the KL penalty is folded into the per-token rewards, not the loss
-            zero = torch.zeros_like(rollout.logprobs)
-            found = estimators.reinforce_pp_returns(rollout.scores, zero if kl is None else kl, rollout.mask, cfg.beta)
+            # k1 in the rewards: as a reward, its expected score-function gradient is exactly -grad KL(policy || ref);
+            # k3's is not (it adds -grad sum_x ref(x) log policy(x)). `kl` stays k3: the logged "kl", as TRL's
+            if self.needs_reference:
+                penalty = ppo.kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k1")
+            else:
+                penalty = torch.zeros_like(rollout.logprobs)
+            found = estimators.reinforce_pp_returns(rollout.scores, penalty, rollout.mask, cfg.beta, reduce=reduce)
         return Advantages(found, None, kl)
 
     def loss(self, out, rollout: Rollout, index: torch.Tensor, found: Advantages, normalizer) -> tuple:
@@ -144,6 +152,11 @@ class GRPOObjective:
         if found.kl is not None:
             metrics["kl"] = accelerator.reduce(ppo.masked_mean(found.kl, rollout.mask), "mean").item()
         return metrics
+
+
+def sum_over_processes(accelerator) -> ppo.Reduce | None:
+    """A sum over every process (accelerate's reduce: an all-reduce); None with one process (no collective)."""
+    return (lambda tensor: accelerator.reduce(tensor, "sum")) if accelerator.num_processes > 1 else None
 
 
 def objective_for(command: str, recipe: Recipe) -> PPOObjective | GRPOObjective:

@@ -9,12 +9,15 @@ replaced before they can reach an output or a gradient. Nothing here loads a mod
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import torch
 
 KLEstimator = Literal["k1", "k2", "k3"]
+# Sums a tensor over every process and returns the sum on each (e.g. lambda t: accelerator.reduce(t, "sum")): lets
+# a batch statistic cover the batch of all processes. None: this process's tensors alone.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ResponseMask(NamedTuple):
@@ -108,7 +111,11 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_si
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
     """(B, T) log-probs of the sampled tokens under the policy that sampled them and under the reference ->
-    (B, T) per-token estimates of KL(policy || reference) (Schulman, "Approximating KL Divergence", 2020)."""
+    (B, T) per-token estimates of KL(policy || reference) (Schulman, "Approximating KL Divergence", 2020).
+
+    "Unbiased" below is about the KL's value. Used as a reward (kl_shaped_rewards, REINFORCE++), what counts is
+    the expected policy gradient E[grad log pi * -k]: only k1 gives -grad KL exactly; k3 adds
+    -grad sum_x ref(x) log pi(x) (tests/test_kl_reward.py enumerates a small policy)."""
     log_r = ref_logp - logp  # r = ref(x) / policy(x), x ~ policy
     if estimator == "k1":
         return -log_r  # k1 = -log r: unbiased, high variance, negative on some tokens
@@ -175,12 +182,30 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return variance
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased (n - 1) variance): scalars over the valid entries of every process's batch (`reduce`: a sum
+    over processes, see Reduce; None: this process's alone), in float32 at least. With `reduce`, two collectives:
+    the count and sum, then the squares about the global mean (no sum-of-squares cancellation); every process
+    gets the same numbers. One valid entry: variance 0; none: mean 0."""
+    mask, x = mask.bool(), x.to(torch.promote_types(x.dtype, torch.float32))
+    total = (lambda t: t) if reduce is None else reduce
+    count, summed = total(torch.stack([mask.sum().to(x.dtype), torch.where(mask, x, 0).sum()]))
+    mean = summed / count.clamp(min=1)
+    squares = total(torch.where(mask, x - mean, 0).pow(2).sum())
+    return mean, squares / (count - 1).clamp(min=1)
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce: Reduce | None = None
+) -> torch.Tensor:
     """(B, T) -> (B, T) scaled to unit (unbiased) variance over the valid entries of the whole batch, and to
-    mean 0 unless shift_mean=False (then the mean is kept). Masked entries become 0."""
-    mean = masked_mean(x, mask)
+    mean 0 unless shift_mean=False (then the mean is kept). Masked entries become 0. With `reduce` (see Reduce)
+    the mean and variance are those of every process's valid entries together (verl whitens the global batch)."""
+    mean, variance = masked_moments(x, mask, reduce)
     # w = (x - mean) / sqrt(var + eps)  [+ mean]
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    whitened = (x - mean) * torch.rsqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, 0)
