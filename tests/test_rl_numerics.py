@@ -193,7 +193,9 @@ def test_a_run_whose_last_update_fails_midway_saves_the_weights_of_the_update_be
         out = real(*args, **kwargs)
         return out._replace(loss=out.loss * float("nan")) if calls["n"] == 7 else out
 
-    common = ["train.batch_size=8", "ppo.ppo_epochs=1"]  # 32 prompts: 4 micro-batches and steps per update
+    # 32 prompts: 4 micro-batches and steps per update. A constant rate: runs of 1 and 2 updates share their first
+    # update's rates only then (a decaying schedule spans the whole run; test_lr_schedule checks its undo)
+    common = ["train.batch_size=8", "ppo.ppo_epochs=1", "train.lr_scheduler=constant"]
     result, one = demo(tmp_path / "one", "ppo.num_updates=1", *common)
     assert result.exit_code == 0, result.output
     monkeypatch.setattr(ppo, "policy_loss", failing)

@@ -9,6 +9,7 @@ rewards, GAE, whitening; grpo: group-relative estimators; lora_rl.rl.objectives)
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,6 +41,7 @@ from lora_rl.training import resume as resuming
 from lora_rl.training import state as run_state
 from lora_rl.training.guards import BadUpdate
 from lora_rl.training.interrupt import Interrupt, Interrupted
+from lora_rl.training.optimizer import make_optimizer, make_scheduler
 
 
 @run_lock.releases_lock
@@ -91,11 +93,11 @@ def setup(recipe: Recipe, rows: list[dict], terms: list[RewardTerm] | None, sche
     roles = setup_roles(built, recipe, terms, schedule, objective, resume_dir)
     actor_critic = ActorCritic(roles, recipe.generation.temperature)
     params = [p for p in actor_critic.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
-    trained, optimizer = accelerator.prepare(actor_critic, optimizer)
+    trained, optimizer = accelerator.prepare(actor_critic, make_optimizer(params, recipe.train))
+    scheduler = make_scheduler(optimizer, recipe.train, schedule.optimizer_steps(recipe.train))
     roles.place(accelerator.device)
-    trainer = Trainer(accelerator, recipe, schedule, out, built, roles, actor_critic, trained, optimizer, objective,
-                      PromptBatches(rows, built.tokenizer, recipe, schedule, accelerator))  # fmt: skip
+    trainer = Trainer(accelerator, recipe, schedule, out, built, roles, actor_critic, trained, optimizer, scheduler,
+                      objective, PromptBatches(rows, built.tokenizer, recipe, schedule, accelerator))  # fmt: skip
     # Each process samples its own completions: same weights (DDP broadcast rank 0's), its own sampling stream.
     torch.manual_seed(recipe.seed + accelerator.process_index)
     if resume_dir:
@@ -116,6 +118,7 @@ class Trainer:
     actor_critic: ActorCritic
     trained: torch.nn.Module  # actor_critic as accelerate prepared it
     optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped with the optimizer
     objective: object  # PPOObjective | GRPOObjective
     batches: PromptBatches
     position: Position = None
@@ -131,13 +134,22 @@ class Trainer:
         run_state.load_optimizer_state(self.accelerator, self.trained, self.optimizer, optimizer_saved)
         self.position = Position(**saved["position"])
         self.objective.load_state_dict(saved)
+        if "scheduler" in saved:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        else:  # a checkpoint from before ppo and grpo honoured the schedule: continue it where the run is
+            steps_per_update = self.schedule.optimizer_steps(self.recipe.train) // self.schedule.updates
+            with warnings.catch_warnings():  # torch warns of a schedule stepped without an optimizer step
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(self.position.update * steps_per_update):
+                    self.scheduler.step()
         if self.main:  # lines past the checkpoint are written again
             resuming.trim_metrics(self.out / "metrics.jsonl", "update", self.position.update)
             resuming.trim_metrics(self.out / samples.FILE, "update", self.position.update)
 
     def save(self, name: str, update: int) -> Path:
         """checkpoint-N/ or final/: the policy and what resuming needs; old checkpoints rotated out."""
-        state = {"position": self.position.__dict__, **self.objective.state_dict()}
+        state = {"position": self.position.__dict__, "scheduler": self.scheduler.state_dict(),
+                 **self.objective.state_dict()}
         rng = run_state.rng_states_of_all_ranks()
         optimizer_state = run_state.optimizer_state(self.accelerator, self.trained, self.optimizer)
 
@@ -176,7 +188,8 @@ class Trainer:
         """One update, (1)-(7); its metrics record, or None when a non-finite value undid it."""
         recipe, objective, accelerator = self.recipe, self.objective, self.accelerator
         prompt_rows, prompt_ids, prompt_mask = self.batches.next(self.position)
-        snapshot = UpdateSnapshot(self.trained, self.optimizer, objective.moments)  # a skipped update is undone whole
+        # a skipped update is undone whole: weights, optimizer, schedule, running statistics
+        snapshot = UpdateSnapshot(self.trained, self.optimizer, objective.moments, self.scheduler)
         try:
             # (1)-(2) sample with the policy; old log-probs, values, reference log-probs, scores; inside the
             # prepared module's forward, where FSDP gathers the shared base's blocks
@@ -190,7 +203,7 @@ class Trainer:
             # (5) epochs over micro-batches, an optimizer step per accumulation group
             started = time.perf_counter()
             stats = optimise(accelerator, self.trained, self.optimizer, rollout, found, objective, recipe,
-                             self.schedule.epochs, self.generators["minibatch"], update)  # fmt: skip
+                             self.schedule.epochs, self.generators["minibatch"], update, self.scheduler)  # fmt: skip
         except BadUpdate as err:
             snapshot.restore()
             self.position.bad_in_a_row += 1
@@ -200,7 +213,7 @@ class Trainer:
         self.position.bad_in_a_row = 0
         # (6) KL controller (ppo), group statistics (grpo); (7) log, and what the policy wrote
         record = {"update": update, **rollout_metrics(accelerator, rollout),
-                  **objective.after_update(accelerator, rollout, found), **stats,
+                  **objective.after_update(accelerator, rollout, found), **stats, "lr": self.scheduler.get_last_lr()[0],
                   "time_generate": timings.generate, "time_score": timings.score,
                   "time_train": time.perf_counter() - started}  # fmt: skip
         if self.main:

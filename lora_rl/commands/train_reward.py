@@ -24,6 +24,7 @@ from lora_rl.training import lock as run_lock
 from lora_rl.training import resume as resuming
 from lora_rl.training import state as run_state
 from lora_rl.training.interrupt import Interrupt, Interrupted
+from lora_rl.training.optimizer import make_optimizer, make_scheduler
 
 
 @run_lock.releases_lock
@@ -72,11 +73,11 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     )
     model = RewardModel(built.model, built.report.head_module)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
+    optimizer = make_optimizer(params, recipe.train)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     steps_per_epoch = math.ceil(len(train_loader) / recipe.train.gradient_accumulation_steps)
     total_steps = recipe.train.max_steps or recipe.train.num_epochs * steps_per_epoch
-    scheduler = make_scheduler(optimizer, recipe, total_steps)
+    scheduler = make_scheduler(optimizer, recipe.train, total_steps)
     position = Position()
     if resume_dir:
         saved, optimizer_saved = run_state.read_state(resume_dir, {}, accelerator.process_index)
@@ -236,14 +237,6 @@ def packs(built: Built, recipe: Recipe, main: bool) -> bool:
     if attention not in PACKABLE_ATTENTION and main:
         display.print_warnings([f"train.pack_pairs: {attention} attention takes no custom mask; pairs go unpacked"])
     return attention in PACKABLE_ATTENTION
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = math.ceil(recipe.train.warmup_ratio * total_steps)
-    name = "constant_with_warmup" if recipe.train.lr_scheduler == "constant" else recipe.train.lr_scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 class Window:

@@ -4,6 +4,7 @@ on every process, finiteness checks, the undo snapshot of an update, the optimis
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,7 @@ class UpdateSnapshot:
     so that a skipped update leaves no trace. With LoRA a few MB on the device; above 100M trained parameters
     (full fine-tuning) a copy of the weights and their optimizer state in CPU memory."""
 
-    def __init__(self, model: torch.nn.Module, optimizer, moments: ppo.RunningMoments | None):
+    def __init__(self, model: torch.nn.Module, optimizer, moments: ppo.RunningMoments | None, scheduler=None):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.state = getattr(optimizer, "optimizer", optimizer).state  # accelerate wraps the torch optimizer
         self.device = "cpu" if sum(p.numel() for p in self.params) > 100_000_000 else None  # e.g. full FT
@@ -133,6 +134,7 @@ class UpdateSnapshot:
         self.optimizer_state = {p: {k: self._copy(v) for k, v in self.state[p].items()} for p in self.params
                                 if p in self.state}  # fmt: skip
         self.moments, self.moments_state = moments, moments.state_dict() if moments else None
+        self.scheduler, self.scheduler_state = scheduler, copy.deepcopy(scheduler.state_dict()) if scheduler else None
 
     def _copy(self, value):
         return value.to(self.device or value.device, copy=True) if torch.is_tensor(value) else value
@@ -148,12 +150,16 @@ class UpdateSnapshot:
                 self.state.pop(param, None)  # its first step came in the skipped update
         if self.moments is not None:
             self.moments.load_state_dict(self.moments_state)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(self.scheduler_state)
+            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr  # load_state_dict restores the schedule's position, not the rate it set
 
 
 def optimise(accelerator, model, optimizer, rollout: Rollout, found: Advantages, objective, recipe: Recipe,
-             epochs: int, generator: torch.Generator, update: int) -> dict[str, float]:  # fmt: skip
+             epochs: int, generator: torch.Generator, update: int, scheduler=None) -> dict[str, float]:  # fmt: skip
     """`epochs` passes over the rollout in micro-batches; one optimizer step per accumulation group; the
-    objective gives each micro-batch's loss.
+    objective gives each micro-batch's loss; `scheduler` (the learning-rate schedule) steps with the optimizer.
 
     Every loss and gradient norm is checked before its step: a non-finite one raises BadUpdate with the
     step's gradients discarded (the caller undoes the steps already taken). With fp16 loss scaling an inf
@@ -199,6 +205,8 @@ def optimise(accelerator, model, optimizer, rollout: Rollout, found: Advantages,
                     overflows += 1  # step() lets the scaler skip it and update its scale (else unscale_ fails next)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
     averages = {name: total / counts[name] for name, total in sums.items()}
     return averages if accelerator.scaler is None else {**averages, "overflow_steps": overflows}
 

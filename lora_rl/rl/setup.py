@@ -26,7 +26,7 @@ from lora_rl.models.build import (
     resolve_path,
 )
 from lora_rl.models.reward_model import RewardModel
-from lora_rl.recipe import Recipe, RecipeError, trained_chat_template
+from lora_rl.recipe import Recipe, RecipeError, TrainConfig, trained_chat_template
 from lora_rl.rl.rewards import RewardError, RewardTerm, check_terms, data_columns, load_prompt_rows
 from lora_rl.rl.roles import (
     CRITIC,
@@ -55,6 +55,12 @@ class Schedule(NamedTuple):
     @property
     def completions(self) -> int:
         return self.prompts * self.generations
+
+    def optimizer_steps(self, train: TrainConfig) -> int:
+        """The run's optimizer steps: each update's epochs over its completions, one step per accumulation group
+        (check_recipe makes the completions a multiple of the group)."""
+        group = train.batch_size * train.gradient_accumulation_steps
+        return self.updates * self.epochs * (self.completions // group)
 
 
 def schedule_of(recipe: Recipe, command: str) -> Schedule:
