@@ -113,7 +113,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", POSITIVE_INT)
     num_epochs: int = key(1, "passes over the training data (unless max_steps is set)", POSITIVE_INT)
     max_steps: int | None = key(None, "optimizer steps to run; overrides num_epochs", POSITIVE_INT)
-    lr_scheduler: Literal["linear", "cosine", "constant"] = key("linear", "decay after warmup, over the run's optimizer steps (every command)")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = key(
+        "linear", "decay after warmup, over the run's optimizer steps (every command)"
+    )
     warmup_ratio: float = key(0.0, "fraction of optimizer steps with linear warmup", UNIT_INTERVAL_OPEN)
     weight_decay: float = key(0.0, "AdamW weight decay", NON_NEGATIVE)
     max_grad_norm: float | None = key(1.0, "gradient clipping norm; null disables it", POSITIVE)
