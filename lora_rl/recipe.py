@@ -191,6 +191,10 @@ class PPOConfig:
     normalize_rewards: bool = key(False, "scale scores by a running std and centre them by a running mean")
     reward_clip: float | None = key(None, "clip scores (after normalisation) to [-c, c]", POSITIVE)
     max_bad_updates: int = key(3, "stop after this many consecutive updates with non-finite values", POSITIVE_INT)
+    max_update_kl: float | None = key(
+        None, "undo an update whose KL(sampling policy || updated policy) per token on its rollout exceeds this "
+        "(one more forward per update); null: off", POSITIVE,
+    )
     disable_dropout: bool = key(
         True,
         "zero every dropout (the model config's and lora_dropout) while training: rollouts sample without "
@@ -237,6 +241,8 @@ class GRPOConfig:
         None, "KL reference (beta > 0): the base or the starting adapter; null: initial_adapter with lora_path"
     )
     max_bad_updates: int = key(3, "stop after this many consecutive steps with non-finite values", POSITIVE_INT)
+    max_update_kl: float | None = key(None, "undo an update that moved the policy further (see ppo.max_update_kl)",
+                                      POSITIVE)  # fmt: skip
     disable_dropout: bool = key(True, "zero every dropout while training (see ppo.disable_dropout)")
 
 

@@ -20,6 +20,7 @@ from lora_rl import display
 from lora_rl.models.build import Built, build, materialize_builtins
 from lora_rl.recipe import Recipe
 from lora_rl.rl import samples
+from lora_rl.rl.health import RunHealth
 from lora_rl.rl.loop import (
     Position,
     PromptBatches,
@@ -29,6 +30,7 @@ from lora_rl.rl.loop import (
     rollout_metrics,
     sample_everywhere,
     save_policy,
+    update_kl,
 )
 from lora_rl.rl.objectives import objective_for
 from lora_rl.rl.rewards import RewardTerm, StepState
@@ -127,6 +129,7 @@ class Trainer:
         self.generators = {"minibatch": torch.Generator().manual_seed(self.recipe.seed)}
         self.position = self.position or Position()
         self.main = self.accelerator.is_main_process
+        self.health = RunHealth(self.schedule.command)
 
     def restore(self, resume_dir: Path) -> None:
         """Optimizer, RNG, data position and the objective's statistics from a checkpoint."""
@@ -184,6 +187,24 @@ class Trainer:
                     position.last_saved = update
                     self.save(f"checkpoint-{update}", update)
 
+    def undo_if_too_far(self, update: int, rollout, snapshot: UpdateSnapshot, stats: dict) -> bool:
+        """With max_update_kl: measure how far the update moved the policy (stats["update_kl"]) and undo it whole
+        when too far; the rollout's metrics are still logged, with update_undone."""
+        limit = self.schedule.max_update_kl
+        if limit is None:
+            return False
+        stats["update_kl"] = update_kl(self.accelerator, self.trained, rollout, self.recipe.train.batch_size)
+        if stats["update_kl"] <= limit:
+            return False
+        snapshot.restore()
+        self.position.updates_undone += 1
+        stats["update_undone"] = 1
+        if self.main:
+            display.print_warnings([f"update {update}: KL(sampling policy || updated policy) {stats['update_kl']:.3g} "
+                                    f"> {self.schedule.command}.max_update_kl {limit}; update undone "
+                                    f"({self.position.updates_undone} so far)"])  # fmt: skip
+        return True
+
     def update(self, update: int) -> dict | None:
         """One update, (1)-(7); its metrics record, or None when a non-finite value undid it."""
         recipe, objective, accelerator = self.recipe, self.objective, self.accelerator
@@ -211,13 +232,15 @@ class Trainer:
                                 f"{self.schedule.command}.max_bad_updates", self.main)  # fmt: skip
             return None
         self.position.bad_in_a_row = 0
-        # (6) KL controller (ppo), group statistics (grpo); (7) log, and what the policy wrote
-        record = {"update": update, **rollout_metrics(accelerator, rollout),
-                  **objective.after_update(accelerator, rollout, found), **stats, "lr": self.scheduler.get_last_lr()[0],
-                  "time_generate": timings.generate, "time_score": timings.score,
-                  "time_train": time.perf_counter() - started}  # fmt: skip
+        undone = self.undo_if_too_far(update, rollout, snapshot, stats)
+        # (6) KL controller (ppo), group statistics (grpo), not for an undone update; (7) log, what the policy wrote
+        after = {} if undone else objective.after_update(accelerator, rollout, found)
+        record = {"update": update, **rollout_metrics(accelerator, rollout), **after, **stats,
+                  "lr": self.scheduler.get_last_lr()[0], "time_generate": timings.generate,
+                  "time_score": timings.score, "time_train": time.perf_counter() - started}  # fmt: skip
         if self.main:
             display.log_metrics(accelerator, self.out, record, "update")
+            display.print_warnings(self.health.check(record))
             if samples.due(update, recipe.train.samples_every):
                 written = samples.pick(rollout, prompt_rows, self.built.tokenizer, recipe.train.num_samples, update)
                 samples.log(accelerator, self.out, written)

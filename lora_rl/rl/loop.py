@@ -45,6 +45,7 @@ class Position:
     offset: int = 0
     last_saved: int = 0
     bad_in_a_row: int = 0
+    updates_undone: int = 0  # by max_update_kl
 
 
 class PromptBatches:
@@ -209,6 +210,23 @@ def optimise(accelerator, model, optimizer, rollout: Rollout, found: Advantages,
                     scheduler.step()
     averages = {name: total / counts[name] for name, total in sums.items()}
     return averages if accelerator.scaler is None else {**averages, "overflow_steps": overflows}
+
+
+@torch.no_grad()
+def update_kl(accelerator, model, rollout: Rollout, micro: int) -> float:
+    """How far an update moved the policy on its own rollout: KL(sampling policy || updated policy) per response
+    token, over every process. The k3 estimate E_old[r - 1 - log r], r = p_new / p_old, is the exact KL in
+    expectation and never negative; it costs one more forward over the rollout."""
+    total = torch.zeros((), device=rollout.logprobs.device)
+    count = torch.zeros((), device=rollout.logprobs.device)
+    for start in range(0, len(rollout.scores), micro):
+        index = slice(start, start + micro)
+        out = model(rollout.input_ids[index], rollout.attention_mask[index], rollout.prompt_width, entropy=False)
+        log_ratio = out.logprobs - rollout.logprobs[index]
+        mask = rollout.mask[index]
+        total += ((torch.expm1(log_ratio) - log_ratio) * mask).sum()
+        count += mask.sum()
+    return (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum").clamp(min=1)).item()
 
 
 def rollout_metrics(accelerator, rollout: Rollout) -> dict[str, float]:

@@ -49,6 +49,7 @@ class Schedule(NamedTuple):
     epochs: int  # passes over each rollout batch
     reference: str | None
     max_bad_updates: int
+    max_update_kl: float | None  # undo an update that moved the policy further than this
     disable_dropout: bool
     batch_key: str  # what the recipe calls the batch, for messages
 
@@ -66,12 +67,13 @@ class Schedule(NamedTuple):
 def schedule_of(recipe: Recipe, command: str) -> Schedule:
     if command == "ppo":
         c = recipe.ppo
+        batch = f"ppo.rollout_batch_size: {c.rollout_batch_size}"
         return Schedule("ppo", c.num_updates, c.rollout_batch_size, 1, c.ppo_epochs, c.reference, c.max_bad_updates,
-                        c.disable_dropout, f"ppo.rollout_batch_size: {c.rollout_batch_size}")  # fmt: skip
+                        c.max_update_kl, c.disable_dropout, batch)  # fmt: skip
     c = recipe.grpo
     batch = f"grpo.prompts_per_step x grpo.num_generations: {c.prompts_per_step} x {c.num_generations}"
     return Schedule("grpo", c.num_steps, c.prompts_per_step, c.num_generations, c.num_iterations, c.reference,
-                    c.max_bad_updates, c.disable_dropout, batch)  # fmt: skip
+                    c.max_bad_updates, c.max_update_kl, c.disable_dropout, batch)  # fmt: skip
 
 
 def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
