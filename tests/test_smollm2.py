@@ -107,5 +107,16 @@ def test_each_real_model_recipe_trains_a_few_steps_and_the_merged_policy_loads_i
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)  # fmt: skip
     assert tokenizer.decode(ids["input_ids"][0]).endswith("<|im_start|>assistant\n")
-    reply = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1] :]
-    assert "Paris" in tokenizer.decode(reply)  # two small updates leave the model's knowledge in place
+    # Two small updates leave the model's knowledge in place: along the base's own greedy answer ("The capital of
+    # France is Paris."), the merged model's next-token distributions stay within KL 0.1 nats of the base's
+    # (measured: at most 0.016, at 1 and 2 threads). Not the merged model's greedy wording: the base's first token
+    # is a near tie ("The" 0.152, "L" 0.140), which a KL of 0.007 there flipped on one machine ("L'Étoile...").
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    reply = base.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1] :]
+    assert "Paris" in tokenizer.decode(reply)
+    sequence = torch.cat([ids["input_ids"][0], reply]).unsqueeze(0)
+    width = ids["input_ids"].shape[1]
+    with torch.no_grad():
+        base_logp, merged_logp = (m(sequence).logits[0, width - 1 : -1].float().log_softmax(-1) for m in (base, model))
+    kl = (base_logp.exp() * (base_logp - merged_logp)).sum(-1)
+    assert kl.max().item() < 0.1, kl.tolist()
