@@ -43,10 +43,18 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
 
 
-def key(default: Any, doc: str, check: tuple[typing.Callable[[Any], bool], str] | None = None) -> Any:
-    """A recipe field: its default, a one-line doc, and an optional (predicate, expectation) range check."""
+COMMANDS = ("train-reward", "ppo", "grpo")  # the commands that train from a recipe
+RL = ("ppo", "grpo")
+REWARD = ("train-reward",)
+
+
+def key(default: Any, doc: str, check: tuple[typing.Callable[[Any], bool], str] | None = None,
+        commands: tuple[str, ...] | None = None) -> Any:  # fmt: skip
+    """A recipe field: its default, a one-line doc, an optional (predicate, expectation) range check, and the
+    commands that read it (None: as its section; a section without it: every command). A command refuses a key it
+    does not read that is set away from its default (unread_settings): accepted and ignored, it would mislead."""
     factory = (lambda: list(default)) if isinstance(default, list) else None
-    meta = {"doc": doc, "check": check}
+    meta = {"doc": doc, "check": check, "commands": commands}
     if factory:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -94,15 +102,18 @@ class ActorConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train_path: str | None = key(None, "training data: a .jsonl, .json or .parquet file, or a datasets directory")
-    eval_path: str | None = key(None, "evaluation data in the same format; null holds out eval_fraction instead")
+    eval_path: str | None = key(None, "evaluation data in the same format; null holds out eval_fraction instead",
+                                commands=REWARD)  # fmt: skip
     eval_fraction: float = key(0.0, "fraction of train_path held out (with the seed) when eval_path is null",
-                               UNIT_INTERVAL_OPEN)  # fmt: skip
+                               UNIT_INTERVAL_OPEN, commands=REWARD)  # fmt: skip
     max_length: int = key(512, "tokens per sequence; longer ones are truncated", POSITIVE_INT)
-    drop_long: bool = key(False, "drop pairs longer than max_length instead of truncating them (both are counted)")
+    drop_long: bool = key(False, "drop pairs longer than max_length instead of truncating them (both are counted)",
+                          commands=REWARD)  # fmt: skip
     chat_template: bool = key(
         False,
         "train-reward: each pair's prompt as a user message of the tokenizer's chat template, then the answer, as "
         "ppo/grpo show a completion to the reward; match the policy's generation.chat_template",
+        commands=REWARD,
     )
 
 
@@ -111,8 +122,8 @@ class TrainConfig:
     learning_rate: float = key(1e-4, "peak AdamW learning rate", POSITIVE)
     batch_size: int = key(8, "examples per process per micro-batch", POSITIVE_INT)
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", POSITIVE_INT)
-    num_epochs: int = key(1, "passes over the training data (unless max_steps is set)", POSITIVE_INT)
-    max_steps: int | None = key(None, "optimizer steps to run; overrides num_epochs", POSITIVE_INT)
+    num_epochs: int = key(1, "passes over the training data (unless max_steps is set)", POSITIVE_INT, REWARD)
+    max_steps: int | None = key(None, "optimizer steps to run; overrides num_epochs", POSITIVE_INT, REWARD)
     lr_scheduler: Literal["linear", "cosine", "constant"] = key(
         "linear", "decay after warmup, over the run's optimizer steps (every command)"
     )
@@ -128,22 +139,26 @@ class TrainConfig:
         True,
         "reward model: one row per pair, the tokens chosen and rejected share (the prompt) computed once; "
         "needs sdpa or eager attention (otherwise chosen and rejected are padded rows)",
+        commands=REWARD,
     )
     center_rewards_coefficient: float | None = key(
         None,
         "reward model: weight of mean((r_chosen + r_rejected)^2) in the loss (TRL); null disables it",
         NON_NEGATIVE,
+        REWARD,
     )
     max_bad_steps: int = key(3, "reward model: stop after this many consecutive optimizer steps with a non-finite "
-                             "loss or gradient norm (each is skipped)", POSITIVE_INT)  # fmt: skip
-    log_every: int = key(1, "optimizer steps between metric lines", POSITIVE_INT)
+                             "loss or gradient norm (each is skipped)", POSITIVE_INT, REWARD)  # fmt: skip
+    log_every: int = key(1, "reward model: optimizer steps between metric lines (ppo, grpo log every update)",
+                         POSITIVE_INT, REWARD)  # fmt: skip
     report_to: list[Tracker] = key([], "experiment trackers (accelerate's) that get each metrics line too; "
                                    "their logs go under output_dir")  # fmt: skip
     samples_every: int = key(10, "ppo, grpo: write a few prompts, completions and rewards to samples.jsonl (and the "
-                             "trackers) at update 1 and every N-th; 0: never", NON_NEGATIVE_INT)  # fmt: skip
+                             "trackers) at update 1 and every N-th; 0: never", NON_NEGATIVE_INT, RL)  # fmt: skip
     num_samples: int = key(4, "ppo, grpo: completions written per sampled update, spread over the main process's "
-                           "batch", POSITIVE_INT)  # fmt: skip
-    eval_every: int = key(0, "optimizer steps between evaluations; 0 evaluates only at the end", NON_NEGATIVE_INT)
+                           "batch", POSITIVE_INT, RL)  # fmt: skip
+    eval_every: int = key(0, "reward model: optimizer steps between evaluations; 0 evaluates only at the end",
+                          NON_NEGATIVE_INT, REWARD)  # fmt: skip
     save_every: int = key(0, "optimizer steps (ppo: updates) between checkpoints; 0 saves only at the end",
                           NON_NEGATIVE_INT)  # fmt: skip
     save_total_limit: int | None = key(None, "keep only the newest N checkpoints (older ones go once a new one is "
@@ -271,11 +286,11 @@ class Recipe:
     actor: ActorConfig = key(ActorConfig(), "the trained model")
     data: DataConfig = key(DataConfig(), "data files")
     train: TrainConfig = key(TrainConfig(), "optimisation hyper-parameters")
-    generation: GenerationConfig = key(GenerationConfig(), "ppo, grpo: sampling of completions")
-    ppo: PPOConfig = key(PPOConfig(), "ppo: algorithm hyper-parameters")
-    critic: CriticConfig = key(CriticConfig(), "ppo: the value function")
-    grpo: GRPOConfig = key(GRPOConfig(), "grpo: algorithm hyper-parameters")
-    reward: RewardConfig = key(RewardConfig(), "ppo, grpo: where scores come from; exactly one key")
+    generation: GenerationConfig = key(GenerationConfig(), "ppo, grpo: sampling of completions", commands=RL)
+    ppo: PPOConfig = key(PPOConfig(), "ppo: algorithm hyper-parameters", commands=("ppo",))
+    critic: CriticConfig = key(CriticConfig(), "ppo: the value function", commands=("ppo",))
+    grpo: GRPOConfig = key(GRPOConfig(), "grpo: algorithm hyper-parameters", commands=("grpo",))
+    reward: RewardConfig = key(RewardConfig(), "ppo, grpo: where scores come from; exactly one key", commands=RL)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -553,6 +568,35 @@ def _check_paths(recipe: Recipe) -> list[str]:
         if value is not None and not Path(value).exists():
             problems.append(f"data.{name}: {value!r} does not exist; expected a data file or directory")
     return problems
+
+
+def unread_settings(recipe: Recipe, command: str) -> list[str]:
+    """One line per key set away from its default that `command` does not read (see `key`'s commands)."""
+    problems: list[str] = []
+
+    def walk(config: Any, default: Any, prefix: str, inherited: tuple[str, ...] | None) -> None:
+        for f in dataclasses.fields(config):
+            commands = f.metadata.get("commands") or inherited
+            value, default_value = getattr(config, f.name), getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, default_value, f"{prefix}{f.name}.", commands)
+            elif commands and command not in commands and value != default_value:
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                problems.append(f"{prefix}{f.name}: set to {shown}, but {command} does not read it (only "
+                                f"{', '.join(commands)}); remove it")  # fmt: skip
+
+    walk(recipe, Recipe(), "", None)
+    return problems
+
+
+def commands_reading(dotted: str) -> tuple[str, ...]:
+    """The commands that read the recipe key `dotted` (e.g. "train.pack_pairs")."""
+    config, commands = Recipe, COMMANDS
+    for name in dotted.split("."):
+        f = next(f for f in dataclasses.fields(config) if f.name == name)
+        commands = f.metadata.get("commands") or commands
+        config = f.type if isinstance(f.type, type) else typing.get_type_hints(config)[name]
+    return commands
 
 
 def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -18,7 +18,7 @@ from lora_rl import display
 from lora_rl.data import DataError, EpochSampler, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
 from lora_rl.models.build import Built, base_fingerprint, build, check_model_files, materialize_builtins
 from lora_rl.models.reward_model import PACKABLE_ATTENTION, RewardModel, bradley_terry, transformers_model
-from lora_rl.recipe import Recipe, RecipeError
+from lora_rl.recipe import Recipe, RecipeError, unread_settings
 from lora_rl.training import checkpoint, distributed, guards, trackers
 from lora_rl.training import lock as run_lock
 from lora_rl.training import resume as resuming
@@ -199,6 +199,8 @@ def step_problem(accelerator, model, recipe: Recipe, results: list) -> str | Non
 def check_inputs(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     """Every check train-reward makes before it loads a model, also run by `validate --for train-reward`: mixed
     precision, the model and adapter files, the preference pairs. Returns the (train, eval) rows."""
+    if problems := unread_settings(recipe, "train-reward"):
+        raise RecipeError(problems)
     guards.check_mixed_precision(recipe.train.mixed_precision)
     trackers.check_trackers(recipe)
     check_model_files(recipe)

@@ -26,7 +26,7 @@ from lora_rl.models.build import (
     resolve_path,
 )
 from lora_rl.models.reward_model import RewardModel
-from lora_rl.recipe import Recipe, RecipeError, TrainConfig, trained_chat_template
+from lora_rl.recipe import Recipe, RecipeError, TrainConfig, trained_chat_template, unread_settings
 from lora_rl.rl.rewards import RewardError, RewardTerm, check_terms, data_columns, load_prompt_rows
 from lora_rl.rl.roles import (
     CRITIC,
@@ -116,7 +116,7 @@ def with_chat_prompts(recipe: Recipe, rows: list[dict]) -> Recipe:
 
 def check_recipe(recipe: Recipe, command: str = "ppo") -> None:
     """The command's problems with the recipe, all at once, before any model loads."""
-    problems = []
+    problems = unread_settings(recipe, command)
     reward_keys = [k for k in ("adapter", "model", "function", "functions") if getattr(recipe.reward, k) is not None]
     if len(reward_keys) != 1:
         found = ", ".join(f"reward.{k}" for k in reward_keys) or "none"
