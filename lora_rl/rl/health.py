@@ -2,7 +2,8 @@
 
 Two signatures, each warned once per episode (again only after the run recovered):
 - collapse: the mean reward of the last WINDOW updates lost more than half of what the run had gained (best
-  window over the first one) while approx_kl or the entropy jumped: the step is too large;
+  window over the first one, a gain larger than half the rewards' spread) while approx_kl or the entropy jumped:
+  the step is too large;
 - stuck (grpo): frac_reward_zero_std 1.0 with an unchanged reward for WINDOW updates: every group's rewards are
   equal, no advantage is left to learn from.
 """
@@ -13,6 +14,7 @@ import statistics
 
 WINDOW = 5  # updates per window
 JUMP = 3.0  # approx_kl above this multiple of its earlier median counts as a jump
+MIN_APPROX_KL = 0.02  # ... and above this many nats per token: tinier moves are noise
 ENTROPY_SHIFT = 0.5  # entropy moving by this fraction of its earlier median counts as a jump
 
 
@@ -22,6 +24,7 @@ class RunHealth:
         self.rewards: list[float] = []
         self.approx_kl: list[float] = []
         self.entropy: list[float] = []
+        self.reward_std: list[float] = []
         self.best = (float("-inf"), 0)  # (window mean, its last update)
         self.collapse_warned = self.stuck_warned = False
         self.stuck_since: int | None = None
@@ -31,6 +34,7 @@ class RunHealth:
         self.rewards.append(record["reward"])
         self.approx_kl.append(record.get("approx_kl", 0.0))
         self.entropy.append(record.get("entropy", 0.0))
+        self.reward_std.append(record.get("reward_std", 0.0))
         return [line for line in (self._collapse(record["update"]), self._stuck(record)) if line]
 
     def _collapse(self, update: int) -> str | None:
@@ -43,7 +47,8 @@ class RunHealth:
         current = statistics.fmean(self.rewards[-WINDOW:])
         best, best_at = self.best
         gain = best - first
-        if gain <= 0 or best - current <= 0.5 * gain:
+        noise = 0.5 * statistics.median(self.reward_std)  # a gain within the rewards' spread proves nothing
+        if gain <= noise or best - current <= 0.5 * gain:
             self.collapse_warned = self.collapse_warned and best - current > 0.25 * gain  # recovered: re-arm
             return None
         jump = self._jump()
@@ -63,7 +68,7 @@ class RunHealth:
         """What jumped in the last window against the updates before it, in words; None if nothing did."""
         before_kl = statistics.median(self.approx_kl[:-WINDOW])
         recent_kl = max(self.approx_kl[-WINDOW:])
-        if recent_kl > JUMP * before_kl and recent_kl > 0:
+        if recent_kl > JUMP * before_kl and recent_kl > MIN_APPROX_KL:
             return f"approx_kl jumped to {recent_kl:.3g} (median {before_kl:.3g} before)"
         before_entropy = statistics.median(self.entropy[:-WINDOW])
         recent_entropy = statistics.fmean(self.entropy[-WINDOW:])
