@@ -22,7 +22,7 @@ from lora_rl.commands import train_reward
 from lora_rl.recipe import load_recipe
 from lora_rl.training import checkpoint
 from lora_rl.training.checkpoint import CheckpointError, write_atomically
-from lora_rl.training.lock import LOCK
+from lora_rl.training.lock import LOCK, release_lock
 from lora_rl.training.resume import checkpoints, trim_metrics
 from lora_rl.training.run_dir import start_run_dir
 from tests.test_resume import ROOT, reward_recipe
@@ -325,3 +325,53 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(write_rec
         assert checkpoint.verify(final)["step"] == 5
         shutil.rmtree(final)
         (out / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"torn")
+
+
+def test_resume_auto_keeps_checkpoints_that_lost_their_state(write_recipe, tmp_path, capsys):
+    """A checkpoint-N/ without trainer_state.json is damaged, never absent: `--resume auto` must not take the run
+    for one that never saved, and so delete it."""
+    path = reward_recipe(write_recipe, tmp_path, num_epochs=1, save_every=2)
+    out = Path(load_recipe(path).output_dir)
+    assert runner.invoke(app, ["train-reward", str(path)]).exit_code == 0
+    shutil.rmtree(out / "final")
+    for state in out.glob("checkpoint-*/trainer_state.json"):
+        state.unlink()
+    before = tree(out)
+    result = runner.invoke(app, ["train-reward", str(path), "--resume", "auto"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    error = " ".join(result.stderr.split())
+    assert "no intact checkpoint to resume from" in error and "starting fresh" not in error
+    assert f"{out / 'checkpoint-2'} is damaged" in error and f"{out / 'checkpoint-4'} is damaged" in error
+    assert tree(out) == before  # refused, everything kept
+
+
+def test_resume_auto_warns_when_the_newest_checkpoint_lost_its_state(write_recipe, tmp_path, capsys):
+    recipe = load_recipe(reward_recipe(write_recipe, tmp_path, num_epochs=1, save_every=2))
+    out = Path(recipe.output_dir)
+    train_reward.run(recipe)
+    shutil.rmtree(out / "final")
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    final = train_reward.run(recipe, resume="auto")
+    warning = " ".join(capsys.readouterr().err.split())
+    assert f"{out / 'checkpoint-4'} is damaged" in warning and f"resuming from {out / 'checkpoint-2'}" in warning
+    assert checkpoint.verify(final)["step"] == 5
+
+
+def test_fresh_start_of_resume_auto_deletes_only_what_holds_nothing(recipe, tmp_path, capsys):
+    """Without a checkpoint to continue from, `--resume auto` starts afresh deleting only the killed run's metric
+    and sample lines; a final/ it cannot resume (damaged, other settings) is refused and kept."""
+    out = start_run_dir(tmp_path / "out", recipe, overwrite=False)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "notes.txt").write_text("the user's")
+    start_run_dir(out, recipe, overwrite=False, restart=True)
+    warning = " ".join(capsys.readouterr().err.split())
+    assert "starting fresh (deleting metrics.jsonl" in warning and "keeping notes.txt" in warning
+    assert not (out / "metrics.jsonl").exists() and (out / "notes.txt").is_file()
+    own_checkpoint(out / "final")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    release_lock(out)
+    before = tree(out)
+    refused = rf"{out} holds final but no checkpoint to continue from; nothing deleted"
+    with pytest.raises(CheckpointError, match=refused):
+        start_run_dir(out, recipe, overwrite=False, restart=True)
+    assert tree(out) == before
