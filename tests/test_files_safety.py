@@ -3,6 +3,7 @@ honours the umask, and resumes where a cluster needs it (killed early, killed mi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from lora_rl.cli import app
 from lora_rl.commands import train_reward
 from lora_rl.recipe import load_recipe
 from lora_rl.training import checkpoint
+from lora_rl.training import lock as run_lock
 from lora_rl.training.checkpoint import CheckpointError, write_atomically
 from lora_rl.training.lock import LOCK, release_lock
 from lora_rl.training.resume import checkpoints, trim_metrics
@@ -223,6 +225,64 @@ def test_lock_is_released_on_sigterm(write_recipe):
     process.terminate()  # what slurm sends a preempted or cancelled job
     assert process.wait(timeout=60) == -signal.SIGTERM
     assert not (out / LOCK).exists()
+
+
+def disk_full(monkeypatch) -> None:
+    """Every file the lock module opens to write fails as on a full disk (ENOSPC) at its first write."""
+    real = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        opened = real(fd, *args, **kwargs)
+
+        def write(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        opened.write = write
+        return opened
+
+    monkeypatch.setattr(run_lock.os, "fdopen", fdopen)
+
+
+def test_a_disk_full_at_start_leaves_no_lock_behind(write_recipe, tmp_path, monkeypatch):
+    path = reward_recipe(write_recipe, tmp_path, num_epochs=1, save_every=0)
+    out = Path(load_recipe(path).output_dir)
+    disk_full(monkeypatch)
+    result = runner.invoke(app, ["train-reward", str(path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert f"output_dir {out}: cannot write {LOCK}: No space left on device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (out / LOCK).exists() and not list(out.glob(f"{LOCK}*"))  # nor half of one
+    monkeypatch.undo()  # space freed
+    result = runner.invoke(app, ["train-reward", str(path), "--resume", "auto"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("content", [b"", b"{\"pid\": 12", b"\xff\xfe not a lock"], ids=["empty", "cut", "garbage"])
+def test_an_empty_or_unreadable_lock_is_stale(recipe, tmp_path, capsys, content):
+    """No run writes its lock in place any more (it appears whole, by link): an empty or unreadable one was left
+    by a run that failed or was killed writing it, and nothing clears it but lora-rl."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK).write_bytes(content)
+    run_lock.refuse_locked(out)  # not a live run's
+    start_run_dir(out, recipe, overwrite=False)
+    assert f"output_dir {out}: took over the lock of a run that is no longer running" in capsys.readouterr().err
+    assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
+
+
+def test_the_lock_appears_whole(tmp_path, monkeypatch):
+    """Between its creation and its content a lock never exists: whoever sees it, sees its holder."""
+    seen = []
+    real = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        seen.append((tmp_path / LOCK).exists())  # the content is about to be written
+        return real(fd, *args, **kwargs)
+
+    monkeypatch.setattr(run_lock.os, "fdopen", fdopen)
+    run_lock.take_lock(tmp_path)
+    run_lock.release_lock(tmp_path)
+    assert seen == [False]
 
 
 # ---------------------------------------------------------------- umask
