@@ -2,10 +2,10 @@
 
 `.lora-rl.lock` holds the process, host and start time of the run that writes there; a second run is refused
 with a message naming it. The lock appears whole or not at all (written aside, then linked to its name), so a
-failed write (a full disk) leaves none. The lock goes when the run ends (returned, raised, Ctrl-C, SIGTERM); one
-left by a killed run is taken over when that run is certainly gone (the lock empty or unreadable, same host and
-no such process, or an earlier start of the same requeued slurm job). Only the main process takes it; it is
-never part of a checkpoint.
+failed write (a full disk) leaves none. The lock goes when the run ends (returned, raised, Ctrl-C, SIGTERM,
+SIGUSR1); one left by a killed run is taken over when that run is certainly gone (the lock empty or unreadable,
+same host and no such process, or an earlier start of the same requeued slurm job). Only the main process takes
+it; it is never part of a checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from lora_rl.training.checkpoint import CheckpointError, umask
 LOCK = ".lora-rl.lock"
 # What link(2) answers on a filesystem without hard links (some FUSE and SMB mounts).
 NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+# Signals that end a process by default, which a scheduler sends a job: the lock is released first.
+TERMINATING = (signal.SIGTERM, signal.SIGUSR1)
 _held: set[Path] = set()  # lock files this process holds
 
 
@@ -135,29 +137,30 @@ def refuse_locked(directory: Path) -> None:
 
 
 def releases_lock(run: Callable) -> Callable:
-    """Release the locks `run` takes when it ends: returned, raised, Ctrl-C, or SIGTERM (what slurm sends a
-    cancelled or preempted job: the lock goes, then the process ends as SIGTERM ends it)."""
+    """Release the locks `run` takes when it ends: returned, raised, Ctrl-C, or SIGTERM / SIGUSR1 (what slurm sends
+    a cancelled or preempted job, and its --signal pre-warning) outside the training loop, whose own handlers save
+    a checkpoint first (lora_rl.training.interrupt): the lock goes, then the process ends as the signal ends it."""
 
     @functools.wraps(run)
     def wrapper(*args, **kwargs):
         in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
-        default = in_main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-        if default:
-            signal.signal(signal.SIGTERM, _release_and_terminate)
+        ours = [s for s in TERMINATING if in_main_thread and signal.getsignal(s) == signal.SIG_DFL]
+        for signum in ours:
+            signal.signal(signum, _release_and_terminate)
         try:
             return run(*args, **kwargs)
         finally:
             release_all_locks()
-            if default:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for signum in ours:
+                signal.signal(signum, signal.SIG_DFL)
 
     return wrapper
 
 
 def _release_and_terminate(signum, frame) -> None:
     release_all_locks()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _lock_content() -> dict[str, Any]:
