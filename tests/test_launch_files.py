@@ -186,9 +186,9 @@ def test_sbatch_settings(tmp_path):
 
 
 def test_sbatch_lets_a_run_save_and_requeues_it_before_the_time_limit(tmp_path):
-    """120 s before the time limit slurm sends the batch script SIGUSR1 (--signal=B:USR1@120): the script passes it
-    on to the run's processes (scancel --signal), waits for them to save and stop, then requeues the job."""
-    stopping_run = 'echo $$ >> "$STUB_LOG.pids"; trap "echo saved; exit 138" USR1; while :; do sleep 0.05; done'
+    """120 s before the time limit slurm sends the batch script SIGUSR1 (--signal=B:USR1@120): the script sends
+    SIGTERM to the run's processes (scancel --signal), waits for them to save and stop, then requeues the job."""
+    stopping_run = 'echo $$ >> "$STUB_LOG.pids"; trap "echo saved; exit 143" TERM; while :; do sleep 0.05; done'
     env = with_stubs(tmp_path, **{**SLURM_2_NODES, "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu-07"})
     (tmp_path / "accelerate").write_text(f"#!/usr/bin/env bash\n{stopping_run}\n")
     (tmp_path / "scontrol").write_text('#!/usr/bin/env bash\n[[ $1 == show ]] && echo gpu-07\n'
@@ -202,8 +202,8 @@ def test_sbatch_lets_a_run_save_and_requeues_it_before_the_time_limit(tmp_path):
         time.sleep(0.05)
     script.send_signal(signal.SIGUSR1)
     stdout, stderr = script.communicate(timeout=30)
-    assert script.returncode == 138, stderr
-    assert (tmp_path / "log").read_text() == "scancel --signal=USR1 4242\nscontrol requeue 4242\n"
+    assert script.returncode == 143, stderr
+    assert (tmp_path / "log").read_text() == "scancel --signal=TERM 4242\nscontrol requeue 4242\n"
     assert "saved" in stdout and "lora-rl: requeueing job 4242 (restart 1 of at most 20)" in stdout
 
 
