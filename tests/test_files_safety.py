@@ -227,8 +227,9 @@ def test_lock_is_released_on_sigterm(write_recipe):
     assert not (out / LOCK).exists()
 
 
-def disk_full(monkeypatch) -> None:
-    """Every file the lock module opens to write fails as on a full disk (ENOSPC) at its first write."""
+def disk_full(monkeypatch, only: str | None = None) -> None:
+    """Every file the lock module opens to write (or only the one named `only`) fails as on a full disk (ENOSPC) at
+    its first write."""
     real = os.fdopen
 
     def fdopen(fd, *args, **kwargs):
@@ -237,7 +238,8 @@ def disk_full(monkeypatch) -> None:
         def write(data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        opened.write = write
+        if only is None or os.readlink(f"/proc/self/fd/{fd}").endswith(f"/{only}"):
+            opened.write = write
         return opened
 
     monkeypatch.setattr(run_lock.os, "fdopen", fdopen)
@@ -283,6 +285,25 @@ def test_the_lock_appears_whole(tmp_path, monkeypatch):
     run_lock.take_lock(tmp_path)
     run_lock.release_lock(tmp_path)
     assert seen == [False]
+
+
+def test_without_hard_links_the_lock_is_created_in_place(tmp_path, monkeypatch):
+    """Some mounts (FUSE, SMB) refuse link(2): the lock is then created with O_EXCL and written at once; a failed
+    write removes it."""
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(run_lock.os, "link", no_links)
+    run_lock.take_lock(tmp_path)
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK]  # its temporary twin is gone
+    run_lock.release_lock(tmp_path)
+    assert not (tmp_path / LOCK).exists()
+    disk_full(monkeypatch, only=LOCK)  # the temporary file was written, the lock itself is not
+    with pytest.raises(CheckpointError, match="cannot write .lora-rl.lock: No space left on device"):
+        run_lock.take_lock(tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- umask
