@@ -47,6 +47,9 @@ AllowChangesOpt = Annotated[
 ]
 
 
+INTERRUPTED = "interrupted (Ctrl-C)"
+
+
 class Purpose(str, Enum):
     ppo = "ppo"
     grpo = "grpo"
@@ -56,7 +59,8 @@ class Purpose(str, Enum):
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Bad input ends the command with its one-line messages and exit code 2; anything else with one line and
-    exit code 1. Never a traceback, unless LORA_RL_DEBUG is set."""
+    exit code 1; Ctrl-C where no step boundary is awaited (loading, a second Ctrl-C) with one line and 130. Never a
+    traceback, unless LORA_RL_DEBUG is set."""
     from lora_rl.data import DataError
     from lora_rl.models.build import ModelError
     from lora_rl.training.checkpoint import CheckpointError
@@ -71,6 +75,9 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
     except typer.Exit:
         raise
+    except KeyboardInterrupt:
+        display.print_warnings([INTERRUPTED])
+        raise typer.Exit(130) from None
     except Exception as err:  # not a problem we know (a bug, a CUDA error): one line; the traceback on request
         if os.environ.get("LORA_RL_DEBUG"):
             raise
@@ -80,8 +87,9 @@ def user_errors() -> Iterator[None]:
 
 @contextmanager
 def training_ends() -> Iterator[None]:
-    """A finished run, Ctrl-C that saved a checkpoint at a step boundary (then: say where, exit 130 like an
-    interrupted shell command), or a run stopped by non-finite values (exit 1). Every process got there together
+    """A finished run, a stop signal that saved a checkpoint at a step boundary (then: say where, exit 128 + the
+    signal's number like a shell command that signal ended: Ctrl-C 130, SIGTERM 143, SIGUSR1 138; see
+    lora_rl.training.interrupt), or a run stopped by non-finite values (exit 1). Every process got there together
     and can end the distributed run."""
     from lora_rl.training.distributed import end_distributed_run
     from lora_rl.training.guards import BadUpdate
@@ -91,8 +99,8 @@ def training_ends() -> Iterator[None]:
         yield
     except Interrupted as err:
         display.print_warnings([str(err)])
-        end_distributed_run(130)
-        raise typer.Exit(130) from None
+        end_distributed_run(err.exit_code)
+        raise typer.Exit(err.exit_code) from None
     except BadUpdate as err:  # every process stopped at the same step or update
         display.print_problems([str(err)])
         end_distributed_run(1)
@@ -121,7 +129,8 @@ def main(
     """Fine-tune language models with LoRA adapters for RLHF, driven by YAML recipes."""
     import warnings
 
-    from transformers.utils import logging
+    with user_errors():  # Ctrl-C while transformers (and torch) load: one line
+        from transformers.utils import logging
 
     logging.disable_progress_bar()  # our own rich progress is the one display
     # peft still calls transformers APIs renamed in 5.x; the notice is not actionable by our users.
@@ -141,9 +150,10 @@ def validate(
     Runs every check the command (--for) makes before it loads a model: data, model and adapter files, and for
     ppo the reward source (reward.function is imported).
     """
-    from lora_rl.commands import validate as command
 
     with user_errors():
+        from lora_rl.commands import validate as command
+
         command.run(_load(recipe, overrides), purpose.value, recipe.parent)
 
 
@@ -160,9 +170,10 @@ def train_reward(
     Reads preference pairs (chosen, rejected, optional prompt and margin) from data.train_path; writes
     metrics.jsonl, checkpoint-N/ every train.save_every steps, and final/ (a peft adapter) to output_dir.
     """
-    from lora_rl.commands import train_reward as command
 
     with user_errors(), training_ends():
+        from lora_rl.commands import train_reward as command
+
         command.run(_load(recipe, overrides), overwrite=overwrite, resume=resume, allow_changes=allow_changes)
 
 
@@ -204,11 +215,11 @@ def grpo(
 
 def _rl(command: str, recipe: Path, overrides, overwrite: bool, resume: str | None, allow_changes: bool) -> None:
     """ppo and grpo: one loop. A reward function that fails is the user's code failing mid-run: exit 1."""
-    from lora_rl.commands import rl as rl_command
-    from lora_rl.rl.rewards import RewardError
-    from lora_rl.training.distributed import end_distributed_run
+    with user_errors(), training_ends():  # the imports too: Ctrl-C while torch loads is one line
+        from lora_rl.commands import rl as rl_command
+        from lora_rl.rl.rewards import RewardError
+        from lora_rl.training.distributed import end_distributed_run
 
-    with user_errors(), training_ends():
         resolved = _load(recipe, overrides)
         try:
             rl_command.run(resolved, overwrite=overwrite, resume=resume, allow_changes=allow_changes, command=command,
@@ -250,9 +261,10 @@ def merge(
     Works for causal-LM adapters and reward (SEQ_CLS) adapters; the merged model is checked against the
     adapter on probe inputs unless --no-check, and nothing is written to OUT_DIR unless every step succeeds.
     """
-    from lora_rl.adapters import merge as command
 
     with user_errors():
+        from lora_rl.adapters import merge as command
+
         command.run(adapter_dir, out_dir, base=base, dtype=dtype.value if dtype else None, force=force,
                     check=not no_check, streaming=streaming)  # fmt: skip
 
@@ -293,10 +305,10 @@ def load(
     --temperature > 0; each prompt formatted as that adapter was trained (its recipe.yaml's chat_template). With
     --score, the rewards that each reward adapter gives the prompts (and their --completion).
     """
-    from lora_rl.commands import load as command
-
-    sampling = command.Sampling(temperature, top_p, top_k, seed)
     with user_errors():
+        from lora_rl.commands import load as command
+
+        sampling = command.Sampling(temperature, top_p, top_k, seed)
         command.run(base_or_adapter, adapter or [], prompt or [], prompts_file, max_new_tokens, score, sampling,
                     chat_template, completion)  # fmt: skip
 
@@ -315,7 +327,8 @@ def plot(
     One panel per metric a run logged (train-reward: loss, accuracy, margin, train and eval); one line per run.
     Needs matplotlib: pip install "lora-rl[plot]".
     """
-    from lora_rl.commands import plot as command
 
     with user_errors():
+        from lora_rl.commands import plot as command
+
         typer.echo(f"wrote {command.run(run_dirs, out)}")

@@ -23,3 +23,20 @@ def assistant_messages(prompts, completions, **kwargs) -> list[float]:
         if not (len(completion) == 1 and completion[0]["role"] == "assistant"):
             raise AssertionError(f"completion {completion!r} is not one assistant message")
     return [float(len(completion[0]["content"].split())) for completion in completions]
+
+
+def judge_none(completions, **kwargs) -> list[None]:
+    """Judges no row: a batch nobody judged has nothing to learn from."""
+    return [None] * len(completions)
+
+
+def exits(completions, **kwargs) -> list[float]:
+    """Ends the process, as user code sometimes does on a condition it cannot handle."""
+    import sys
+
+    sys.exit(3)
+
+
+def huge(completions, **kwargs) -> list[float]:
+    """Finite in float32, one at a time; a group's sum is inf."""
+    return [3e38] * len(completions)

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -131,6 +132,32 @@ def test_ctrl_c_reaching_one_process_stops_all_at_the_same_step(tmp_path):
     resumed = launch(2, *settings, f"output_dir={out}", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [m["step"] for m in metrics(out) if m["split"] == "train"] == list(range(1, 151))
+
+
+@pytest.mark.parametrize("workers_too", [False, True], ids=["to the launcher", "to every process"])
+def test_sigterm_to_the_launcher_saves_on_every_process(tmp_path, workers_too):
+    """A scheduler sends SIGTERM to `accelerate launch` (scancel, preemption, the time limit as the shipped sbatch
+    passes it on), and with cgroup process tracking to every worker too: the agent forwards it, each worker sees it
+    once or twice, and all save one checkpoint, then stop; the launcher ends with 143 (128 + SIGTERM)."""
+    out = tmp_path / "run"
+    settings = ["train-reward", str(ROOT / "recipes/reward-demo.yaml"), "train.save_every=0", "train.eval_every=0",
+                "train.max_steps=150", "train.log_every=1"]  # fmt: skip
+    process = subprocess.Popen(**command(2, *settings, f"output_dir={out}"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 5):
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        for pid in [process.pid, *(worker_pids(out).values() if workers_too else [])]:
+            os.kill(pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # the workers run in sessions of their own
+            for pid in [*worker_pids(out).values(), process.pid]:
+                os.kill(pid, signal.SIGKILL)
+    assert process.returncode == 143, stderr[-3000:]
+    saved = [p.name for p in out.glob("checkpoint-*")]
+    assert len(saved) == 1 and stderr.count(f"SIGTERM: stopped at step {saved[0].split('-')[1]}; saved") == 2
 
 
 def test_a_missing_ppo_score_on_one_process_stops_all(tmp_path):

@@ -3,6 +3,7 @@ honours the umask, and resumes where a cluster needs it (killed early, killed mi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,8 +22,9 @@ from lora_rl.cli import app
 from lora_rl.commands import train_reward
 from lora_rl.recipe import load_recipe
 from lora_rl.training import checkpoint
+from lora_rl.training import lock as run_lock
 from lora_rl.training.checkpoint import CheckpointError, write_atomically
-from lora_rl.training.lock import LOCK
+from lora_rl.training.lock import LOCK, release_lock
 from lora_rl.training.resume import checkpoints, trim_metrics
 from lora_rl.training.run_dir import start_run_dir
 from tests.test_resume import ROOT, reward_recipe
@@ -225,6 +227,85 @@ def test_lock_is_released_on_sigterm(write_recipe):
     assert not (out / LOCK).exists()
 
 
+def disk_full(monkeypatch, only: str | None = None) -> None:
+    """Every file the lock module opens to write (or only the one named `only`) fails as on a full disk (ENOSPC) at
+    its first write."""
+    real = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        opened = real(fd, *args, **kwargs)
+
+        def write(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        if only is None or os.readlink(f"/proc/self/fd/{fd}").endswith(f"/{only}"):
+            opened.write = write
+        return opened
+
+    monkeypatch.setattr(run_lock.os, "fdopen", fdopen)
+
+
+def test_a_disk_full_at_start_leaves_no_lock_behind(write_recipe, tmp_path, monkeypatch):
+    path = reward_recipe(write_recipe, tmp_path, num_epochs=1, save_every=0)
+    out = Path(load_recipe(path).output_dir)
+    disk_full(monkeypatch)
+    result = runner.invoke(app, ["train-reward", str(path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert f"output_dir {out}: cannot write {LOCK}: No space left on device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (out / LOCK).exists() and not list(out.glob(f"{LOCK}*"))  # nor half of one
+    monkeypatch.undo()  # space freed
+    result = runner.invoke(app, ["train-reward", str(path), "--resume", "auto"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("content", [b"", b"{\"pid\": 12", b"\xff\xfe not a lock"], ids=["empty", "cut", "garbage"])
+def test_an_empty_or_unreadable_lock_is_stale(recipe, tmp_path, capsys, content):
+    """No run writes its lock in place any more (it appears whole, by link): an empty or unreadable one was left
+    by a run that failed or was killed writing it, and nothing clears it but lora-rl."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK).write_bytes(content)
+    run_lock.refuse_locked(out)  # not a live run's
+    start_run_dir(out, recipe, overwrite=False)
+    assert f"output_dir {out}: took over the lock of a run that is no longer running" in capsys.readouterr().err
+    assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
+
+
+def test_the_lock_appears_whole(tmp_path, monkeypatch):
+    """Between its creation and its content a lock never exists: whoever sees it, sees its holder."""
+    seen = []
+    real = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        seen.append((tmp_path / LOCK).exists())  # the content is about to be written
+        return real(fd, *args, **kwargs)
+
+    monkeypatch.setattr(run_lock.os, "fdopen", fdopen)
+    run_lock.take_lock(tmp_path)
+    run_lock.release_lock(tmp_path)
+    assert seen == [False]
+
+
+def test_without_hard_links_the_lock_is_created_in_place(tmp_path, monkeypatch):
+    """Some mounts (FUSE, SMB) refuse link(2): the lock is then created with O_EXCL and written at once; a failed
+    write removes it."""
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(run_lock.os, "link", no_links)
+    run_lock.take_lock(tmp_path)
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK]  # its temporary twin is gone
+    run_lock.release_lock(tmp_path)
+    assert not (tmp_path / LOCK).exists()
+    disk_full(monkeypatch, only=LOCK)  # the temporary file was written, the lock itself is not
+    with pytest.raises(CheckpointError, match="cannot write .lora-rl.lock: No space left on device"):
+        run_lock.take_lock(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------- umask
 
 
@@ -325,3 +406,53 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(write_rec
         assert checkpoint.verify(final)["step"] == 5
         shutil.rmtree(final)
         (out / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"torn")
+
+
+def test_resume_auto_keeps_checkpoints_that_lost_their_state(write_recipe, tmp_path, capsys):
+    """A checkpoint-N/ without trainer_state.json is damaged, never absent: `--resume auto` must not take the run
+    for one that never saved, and so delete it."""
+    path = reward_recipe(write_recipe, tmp_path, num_epochs=1, save_every=2)
+    out = Path(load_recipe(path).output_dir)
+    assert runner.invoke(app, ["train-reward", str(path)]).exit_code == 0
+    shutil.rmtree(out / "final")
+    for state in out.glob("checkpoint-*/trainer_state.json"):
+        state.unlink()
+    before = tree(out)
+    result = runner.invoke(app, ["train-reward", str(path), "--resume", "auto"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    error = " ".join(result.stderr.split())
+    assert "no intact checkpoint to resume from" in error and "starting fresh" not in error
+    assert f"{out / 'checkpoint-2'} is damaged" in error and f"{out / 'checkpoint-4'} is damaged" in error
+    assert tree(out) == before  # refused, everything kept
+
+
+def test_resume_auto_warns_when_the_newest_checkpoint_lost_its_state(write_recipe, tmp_path, capsys):
+    recipe = load_recipe(reward_recipe(write_recipe, tmp_path, num_epochs=1, save_every=2))
+    out = Path(recipe.output_dir)
+    train_reward.run(recipe)
+    shutil.rmtree(out / "final")
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    final = train_reward.run(recipe, resume="auto")
+    warning = " ".join(capsys.readouterr().err.split())
+    assert f"{out / 'checkpoint-4'} is damaged" in warning and f"resuming from {out / 'checkpoint-2'}" in warning
+    assert checkpoint.verify(final)["step"] == 5
+
+
+def test_fresh_start_of_resume_auto_deletes_only_what_holds_nothing(recipe, tmp_path, capsys):
+    """Without a checkpoint to continue from, `--resume auto` starts afresh deleting only the killed run's metric
+    and sample lines; a final/ it cannot resume (damaged, other settings) is refused and kept."""
+    out = start_run_dir(tmp_path / "out", recipe, overwrite=False)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "notes.txt").write_text("the user's")
+    start_run_dir(out, recipe, overwrite=False, restart=True)
+    warning = " ".join(capsys.readouterr().err.split())
+    assert "starting fresh (deleting metrics.jsonl" in warning and "keeping notes.txt" in warning
+    assert not (out / "metrics.jsonl").exists() and (out / "notes.txt").is_file()
+    own_checkpoint(out / "final")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    release_lock(out)
+    before = tree(out)
+    refused = rf"{out} holds final but no checkpoint to continue from; nothing deleted"
+    with pytest.raises(CheckpointError, match=refused):
+        start_run_dir(out, recipe, overwrite=False, restart=True)
+    assert tree(out) == before

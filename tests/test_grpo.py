@@ -95,6 +95,11 @@ def test_data_columns_reach_trl_style_functions_and_none_rows_are_left_out(tmp_p
     [
         ("tests.process_rewards:nan", "reward function tests.process_rewards:nan: completion 1 of 16: expected a "
                                       "finite number or None, got nan"),  # fmt: skip
+        ("tests.grpo_rewards:exits", "reward function tests.grpo_rewards:exits called sys.exit(3)"),
+        ("tests.grpo_rewards:huge", "reward function tests.grpo_rewards:huge: completion 1 of 16: got 3e+38, beyond "
+                                    "the largest reward allowed, 1e+06"),  # fmt: skip
+        ("tests.grpo_rewards:judge_none", "update 1: reward function judge_none returned None for all 16 "
+                                          "completions: nothing to learn from"),  # fmt: skip
         ("lora_rl.demo_rewards:correct", None),
     ],
 )
@@ -104,7 +109,8 @@ def test_reward_function_problems_are_one_line_errors(tmp_path, function, messag
         assert result.exit_code == 0, result.output
         return
     assert result.exit_code == 1
-    assert message in result.stderr and "Traceback" not in result.output
+    assert message in " ".join(result.stderr.split()) and "Traceback" not in result.output
+    assert not (out / "metrics.jsonl").exists()  # stopped before any update used it, nothing logged
 
 
 def test_single_completion_group_and_missing_column_are_recipe_errors(tmp_path):

@@ -1,11 +1,13 @@
 """The cluster-launch files: accelerate configs load with accelerate's own loader, and the two launch scripts
-build the right `accelerate launch` line (run against stub `srun`, `scontrol` and `accelerate` that echo)."""
+build the right `accelerate launch` line (run against stub `srun`, `scontrol`, `scancel` and `accelerate` that echo)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -116,19 +118,27 @@ def test_script_parses(script):
 STUBS = {
     # Like srun inside a 2-node allocation: the command once per node, with that node's SLURM_NODEID.
     "srun": 'while [[ $1 == -* ]]; do shift; done\nfor ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@"; done',
-    "scontrol": '[[ "$1 $2 $3" == "show hostnames gpu-[07-08]" ]] && printf "gpu-07\\ngpu-08\\n"',
+    "scontrol": '[[ "$1 $2 $3" == "show hostnames gpu-[07-08]" ]] && printf "gpu-07\\ngpu-08\\n"\n'
+                '[[ $1 == requeue ]] && echo "scontrol $*" >> "$STUB_LOG"; true',
     "accelerate": 'printf accelerate; printf \'\\t%s\' "$@"; echo; echo "ACCELERATE_USE_CPU=$ACCELERATE_USE_CPU"',
+    # Like a run's processes told to stop by `scancel --signal`: each saves, then exits 128 + the signal's number.
+    "scancel": 'echo "scancel $*" >> "$STUB_LOG"; kill -"${1#--signal=}" $(cat "$STUB_LOG.pids")',
 }
 
 
-def run_with_stubs(tmp_path: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:
+def with_stubs(tmp_path: Path, **env: str) -> dict[str, str]:
+    """The environment of a script run against the stubs (written to tmp_path), outside any slurm job."""
     for name, body in STUBS.items():
         stub = tmp_path / name
         stub.write_text(f"#!/usr/bin/env bash\n{body}\n")
         stub.chmod(0o755)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "ACCELERATE_", "GPUS_PER_NODE"))}
     clean["PATH"] = f"{tmp_path}{os.pathsep}{clean['PATH']}"
-    return subprocess.run(["bash", *argv], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True)
+    return {**clean, "STUB_LOG": str(tmp_path / "log"), **env}
+
+
+def run_with_stubs(tmp_path: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", *argv], cwd=ROOT, env=with_stubs(tmp_path, **env), capture_output=True, text=True)
 
 
 def launches(stdout: str) -> list[argparse.Namespace]:
@@ -173,6 +183,43 @@ def test_sbatch_settings(tmp_path):
     for launch in launches(result.stdout):
         assert launch.config_file == "recipes/accelerate/fsdp.yaml"
         assert (launch.main_process_port, launch.num_processes) == (29555, 4)
+
+
+def test_sbatch_lets_a_run_save_and_requeues_it_before_the_time_limit(tmp_path):
+    """120 s before the time limit slurm sends the batch script SIGUSR1 (--signal=B:USR1@120): the script sends
+    SIGTERM to the run's processes (scancel --signal), waits for them to save and stop, then requeues the job."""
+    stopping_run = 'echo $$ >> "$STUB_LOG.pids"; trap "echo saved; exit 143" TERM; while :; do sleep 0.05; done'
+    env = with_stubs(tmp_path, **{**SLURM_2_NODES, "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu-07"})
+    (tmp_path / "accelerate").write_text(f"#!/usr/bin/env bash\n{stopping_run}\n")
+    (tmp_path / "scontrol").write_text('#!/usr/bin/env bash\n[[ $1 == show ]] && echo gpu-07\n'
+                                       '[[ $1 == requeue ]] && echo "scontrol $*" >> "$STUB_LOG"; true\n')  # fmt: skip
+    script = subprocess.Popen(["bash", str(SBATCH), *USER_ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pids = tmp_path / "log.pids"
+    deadline = time.monotonic() + 30
+    while not (pids.exists() and pids.read_text().strip()):
+        assert script.poll() is None and time.monotonic() < deadline, script.communicate()
+        time.sleep(0.05)
+    script.send_signal(signal.SIGUSR1)
+    stdout, stderr = script.communicate(timeout=30)
+    assert script.returncode == 143, stderr
+    assert (tmp_path / "log").read_text() == "scancel --signal=TERM 4242\nscontrol requeue 4242\n"
+    assert "saved" in stdout and "lora-rl: requeueing job 4242 (restart 1 of at most 20)" in stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "restarts", "expected"),
+    [
+        (USER_ARGS, "0", USER_ARGS),  # the first start: as the user said
+        (USER_ARGS, "1", [*USER_ARGS, "--resume", "auto"]),  # requeued: continue
+        ([*USER_ARGS, "--resume", "runs/x/checkpoint-4"], "2", [*USER_ARGS, "--resume", "runs/x/checkpoint-4"]),
+    ],
+)
+def test_a_requeued_start_resumes(tmp_path, argv, restarts, expected):
+    result = run_with_stubs(tmp_path, [str(SBATCH), *argv], **SLURM_2_NODES, SLURM_RESTART_COUNT=restarts)
+    assert result.returncode == 0, result.stderr
+    assert all(launch.training_script_args == expected for launch in launches(result.stdout))
+    assert not (tmp_path / "log").exists()  # no signal: nothing stopped, nothing requeued
 
 
 @pytest.mark.parametrize(

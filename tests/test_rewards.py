@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -155,6 +156,39 @@ def test_bad_returns_are_named_errors(returned, message):
 
     with pytest.raises(RewardError, match=f"^reward function tests.test_rewards:.*bad: {message}$"):
         score(RewardTerm(bad, 1.0, "bad"))
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        ([1.0, 10**400, 0.0, 0.0], r"completion 2 of 4: got 10{50,}\.\.\., beyond the largest reward allowed, 1e\+06"),
+        ([3e38, 3e38, 3e38, 3e38], r"completion 1 of 4: got 3e\+38, beyond the largest reward allowed, 1e\+06"),
+        ([0.0, 0.0, 0.0, -1e7], r"completion 4 of 4: got -10000000\.0, beyond the largest reward allowed, 1e\+06"),
+    ],
+)
+def test_rewards_too_large_to_sum_in_float32_are_named_errors(returned, message):
+    """float32 sums and squares of rewards (group statistics, whitening, metrics) overflow to inf long before a
+    float64 does: 8 rewards of 3e38 make a nan advantage and a nan metric. Refused, naming the function."""
+
+    def huge(prompts, completions):
+        return returned
+
+    with pytest.raises(RewardError, match=f"^reward function tests.test_rewards:.*huge: {message} \\(scale"):
+        score(RewardTerm(huge, 1.0, "huge"))
+    score(RewardTerm(lambda p, c: [1e6, -1e6, 0.5, None], 1.0, "bound"))  # the bound itself is allowed
+
+
+def test_sys_exit_inside_the_function_is_one_named_line():
+    def leaves(prompts, completions):
+        sys.exit(3)
+
+    with pytest.raises(RewardError, match=r"^reward function .*leaves called sys\.exit\(3\)$"):
+        score(RewardTerm(leaves, 1.0, "leaves"))
+
+
+def test_weights_too_large_are_refused_before_training():
+    with pytest.raises(RewardError, match=r"weight 1e\+30 is beyond the largest allowed, 1e\+06"):
+        check_terms([RewardTerm(accuracy_reward, 1e30, "a")], ["answer"])
 
 
 def test_an_exception_inside_the_function_is_one_named_line():

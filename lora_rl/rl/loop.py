@@ -23,6 +23,7 @@ from lora_rl.rl import ppo
 from lora_rl.rl.objectives import Advantages
 from lora_rl.rl.rewards import (
     RewardError,
+    check_judged,
     reward_metrics,
 )
 from lora_rl.rl.roles import (
@@ -92,7 +93,7 @@ def sample_everywhere(accelerator, trained, sample, schedule: Schedule, update: 
     """Run the rollout inside the prepared module's forward; a reward function that fails on any process stops
     every process (RewardError naming it): one alone would leave the others waiting in a collective forever.
     ppo needs a score for every completion: a reward function returning None there is such a failure (grpo leaves
-    those rows out)."""
+    those rows out, but not every row of the batch)."""
     failure = None
     try:
         with torch.no_grad():
@@ -106,6 +107,7 @@ def sample_everywhere(accelerator, trained, sample, schedule: Schedule, update: 
     failure = on_any_process(accelerator, failure)
     if failure:
         raise RewardError(failure)
+    check_judged(accelerator.gather(rollout.judged), list(rollout.reward_parts), update)
     return rollout, timings
 
 

@@ -6,7 +6,9 @@ A reward function is either the old form `f(prompts, completions) -> list[float]
 its signature (see `call_arguments`). It returns one number or None per completion: None means "not judged
 here", and the row's total is the weighted sum of the functions that did judge it (TRL's nansum). A row no
 function judged gets total 0 and judged=False; the advantage estimators leave it out of its group and give it
-advantage 0 (TRL 1.16 marks it NaN, warns, and does the same). NaN and inf are errors, never passed on.
+advantage 0 (TRL 1.16 marks it NaN, warns, and does the same); a batch no function judged at all is an error.
+NaN, inf, values beyond +-MAX_REWARD and a function calling sys.exit are errors naming the function, never passed
+on.
 
 Chat data: when prompts are message lists ({role, content}), completions are passed as
 [{"role": "assistant", "content": text}] and prompts as the message lists, as TRL does.
@@ -31,6 +33,10 @@ from lora_rl.data import MAX_REPORTED, DataError, read_rows
 NOT_PASSED = frozenset({"prompt", "completion", "completion_ids"})
 # arguments lora-rl passes itself: a data column of the same name would be ambiguous
 PASSED = ("prompts", "completions", "completion_ids", "trainer_state")
+# The largest |reward| (and |weight|) taken. Rewards are summed, squared and averaged in float32 (the weighted
+# total, group statistics, whitening, metrics): a batch of 3e38s, each finite, sums to inf and makes every advantage
+# nan. 1e6 keeps every such sum finite and is far above any reward scale in use (OpenRLHF clips to +-10).
+MAX_REWARD = 1e6
 
 
 class RewardError(Exception):
@@ -118,6 +124,9 @@ def check_terms(terms: Sequence[RewardTerm], columns: Sequence[str]) -> None:
         call_arguments(term.function, columns)
         if not math.isfinite(term.weight):
             raise RewardError(f"reward function {function_label(term.function)}: weight {term.weight} is not finite")
+        if abs(term.weight) > MAX_REWARD:
+            raise RewardError(f"reward function {function_label(term.function)}: weight {term.weight:g} is beyond "
+                              f"the largest allowed, {MAX_REWARD:g}")  # fmt: skip
         if names.count(term.name) > 1:
             raise RewardError(f"reward functions: the name {term.name!r} is used twice; metric names must differ")
 
@@ -137,6 +146,8 @@ def call_function(
     except Exception as err:  # the user's code: report it as theirs, in one line
         detail = " ".join(str(err).split())
         raise RewardError(f"reward function {function_label(function)} raised {type(err).__name__}: {detail}") from err
+    except SystemExit as err:  # would end the run with the function's exit code and no word of why
+        raise RewardError(f"reward function {function_label(function)} called sys.exit({err.code!r})") from None
     return check_result(function, result, size)
 
 
@@ -151,12 +162,33 @@ def check_result(function: Callable, result: Any, size: int) -> list[float | Non
     if len(values) != size:
         raise RewardError(f"reward function {label}: returned {len(values)} rewards for {size} completions")
     for row, value in enumerate(values):
-        if value is not None and (not isinstance(value, numbers.Real) or not math.isfinite(value)):
-            raise RewardError(
-                f"reward function {label}: completion {row + 1} of {size}: expected a finite number or None, "
-                f"got {_short(value)}"
-            )
+        problem = _value_problem(value)
+        if problem:
+            raise RewardError(f"reward function {label}: completion {row + 1} of {size}: {problem}")
     return [None if value is None else float(value) for value in values]
+
+
+def _value_problem(value: Any) -> str | None:
+    """What makes one returned value unusable, or None. Compared, never converted first: float(10**400) raises."""
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) or value != value or abs(value) == math.inf:
+        return f"expected a finite number or None, got {_short(value)}"
+    if abs(value) > MAX_REWARD:
+        return (f"got {_short(value)}, beyond the largest reward allowed, {MAX_REWARD:g} (scale it down: rewards are "
+                "summed and squared in float32)")  # fmt: skip
+    return None
+
+
+def check_judged(judged: torch.Tensor, names: Sequence[str], update: int) -> None:
+    """Raise when no reward function judged any completion of the batch (`judged`: gathered from every process).
+    Every advantage would be 0 and the reward metrics nan: a run of such batches learns nothing and would end as if
+    it had (TRL logs nan and goes on). Refused rather than skipped: a function judging only some prompts can judge
+    none of a batch by chance only with very few prompts per step; a function that never judges is a bug."""
+    if judged.numel() and not judged.any():
+        functions = f"reward function{'s' if len(names) > 1 else ''} {', '.join(names)}"
+        raise RewardError(f"update {update}: {functions} returned None for all {judged.numel()} completions: nothing "
+                          "to learn from (None means not judged)")  # fmt: skip
 
 
 def _sized(value: Any) -> bool:

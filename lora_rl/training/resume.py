@@ -26,21 +26,27 @@ PINNED_KEYS = (
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint-N directories (with a trainer state), oldest first."""
+    """Complete checkpoint-N directories (with a trainer state), oldest first: what rotation counts."""
+    return [p for p in checkpoint_dirs(output_dir) if (p / STATE).is_file()]
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Every checkpoint-N entry, complete or not, oldest first: what resuming considers."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted((p for p in found if (p / STATE).is_file()), key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
     """The checkpoint to resume from: a checkpoint directory, a run directory (its newest intact checkpoint), or
-    "auto" (output_dir's newest intact checkpoint, or None to start fresh)."""
+    "auto" (output_dir's newest intact checkpoint, or None to start fresh: only when it holds no checkpoint-N at
+    all). A checkpoint-N that is incomplete in any way is damaged, never absent: starting fresh would delete it."""
     if resume is None:
         return None
     path = Path(output_dir if resume == "auto" else resume)
-    if (path / STATE).is_file():
+    if (path / STATE).is_file() or checkpoint.has_own_manifest(path):
         _verify_checkpoint(path)  # named by the user: damaged is an error
         return path
-    found = checkpoints(path)
+    found = checkpoint_dirs(path)
     if found:
         return newest_intact(found)
     if resume == "auto":
@@ -49,8 +55,9 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
 
 
 def newest_intact(found: list[Path]) -> Path:
-    """The newest of `found` (oldest first) whose files match its manifest; a warning names the damaged newer
-    ones (a kill cannot damage a checkpoint, but a disk or a copy can)."""
+    """The newest of `found` (oldest first) that is complete (its state there, its files matching its manifest); a
+    warning names the damaged newer ones (a kill cannot damage a checkpoint, but a disk or a copy can). None
+    intact: an error, and nothing is deleted."""
     damaged = []
     for directory in reversed(found):
         try:
@@ -61,12 +68,16 @@ def newest_intact(found: list[Path]) -> Path:
         if damaged:
             display.print_warnings([f"{'; '.join(damaged)}; resuming from {directory}"])
         return directory
-    raise checkpoint.CheckpointError(f"no intact checkpoint to resume from: {'; '.join(damaged)}")
+    raise checkpoint.CheckpointError(f"no intact checkpoint to resume from: {'; '.join(damaged)}; nothing was deleted: "
+                                     "repair or move them away, or pass --overwrite to start afresh")  # fmt: skip
 
 
 def _verify_checkpoint(directory: Path) -> None:
+    """Raise unless `directory` is a complete checkpoint: its manifest, every file it lists, and the trainer state."""
     if checkpoint.verify(directory) is None:
         raise checkpoint.CheckpointError(f"{directory}: no {checkpoint.MANIFEST}; not a complete lora-rl checkpoint")
+    if not (directory / STATE).is_file():
+        raise checkpoint.CheckpointError(f"{directory / STATE}: missing; the checkpoint is incomplete")
 
 
 def finished_run(recipe: Recipe, resume: str | None) -> Path | None:

@@ -17,7 +17,12 @@ from lora_rl.training.checkpoint import (
     refuse_foreign,
     write_file_atomically,
 )
-from lora_rl.training.lock import release_lock, take_lock
+from lora_rl.training.lock import LOCK, release_lock, take_lock
+
+# What a fresh start of `--resume auto` may delete: a run's lines written before its first checkpoint.
+DISCARDABLE = ("metrics.jsonl", "samples.jsonl")
+# The output directory's own files, rewritten by every start: not worth naming as kept.
+BOOKKEEPING = (LOCK, RUN_RECORD, "recipe.yaml")
 
 
 def start_run_dir(output_dir: str | Path, recipe, overwrite: bool, resuming: bool = False,
@@ -53,13 +58,28 @@ def _clear_previous_run(out: Path, previous: list[Path], overwrite: bool, restar
     if not (overwrite or restart):
         raise CheckpointError(f"output_dir: {out} already holds a run ({names}); choose another output_dir, "
                               "or pass --overwrite to replace it")  # fmt: skip
-    if restart:
-        display.print_warnings([f"resume auto: {out} holds no checkpoint; starting fresh (deleting {names})"])
+    if restart and not overwrite:
+        _check_fresh_start(out, previous)
     for path in previous:
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def _check_fresh_start(out: Path, previous: list[Path]) -> None:
+    """`--resume auto` found no checkpoint: only the lines a run wrote before its first checkpoint (metrics.jsonl,
+    samples.jsonl) may go, as they hold nothing to continue from. Anything else of a run (a final/ made with other
+    settings, or damaged) is refused and kept. Says what it deletes and what it keeps."""
+    valuable = sorted(p.name for p in previous if p.name not in DISCARDABLE)
+    if valuable:
+        raise CheckpointError(f"resume auto: {out} holds {', '.join(valuable)} but no checkpoint to continue from; "
+                              "nothing deleted: move it away, or pass --overwrite to replace the run")  # fmt: skip
+    others = sorted(p.name for p in out.iterdir() if p not in previous and p.name not in BOOKKEEPING)
+    kept = f"; keeping {', '.join(others)}" if others else ""
+    display.print_warnings([f"resume auto: {out} holds no checkpoint; starting fresh (deleting "
+                            f"{', '.join(sorted(p.name for p in previous))}: lines of a run stopped before its first "
+                            f"checkpoint{kept})"])  # fmt: skip
 
 
 def read_run_record(directory: Path) -> set[str]:
