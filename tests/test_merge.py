@@ -446,6 +446,55 @@ def test_out_dir_holding_an_input_is_refused(tmp_path, llama_adapter):
     assert (llama_adapter / "adapter_model.safetensors").is_file()
 
 
+def run_with_final(adapter: Path, tmp: Path) -> Path:
+    """A run directory as a training command leaves it: its run record, and final/ sealed with lora-rl's manifest."""
+    run = tmp / "run"
+    run.mkdir()
+    (run / checkpoint.RUN_RECORD).write_text(json.dumps({"files": list(checkpoint.RUN_FILES)}) + "\n")
+    checkpoint.write_atomically(run / "final", lambda d: shutil.copytree(adapter, d, dirs_exist_ok=True), 0)
+    return run
+
+
+# case -> (ADAPTER_DIR, OUT_DIR), given the run directory and a plain adapter; the error line without "error: "
+INSIDE = {
+    "in the merged final/": (lambda r, a: (r / "final", r / "final/merged"),
+                             "OUT_DIR {r}/final/merged is inside {r}/final, a lora-rl checkpoint or output (its "
+                             "manifest.json), which a run's --overwrite or a merge --force replaces whole; choose a "
+                             "directory outside it"),
+    "in another checkpoint": (lambda r, a: (a, r / "final/merged"), "OUT_DIR {r}/final/merged is inside {r}/final"),
+    "a checkpoint name of the run": (lambda r, a: (r / "final", r / "checkpoint-9"),
+                                     "OUT_DIR {r}/checkpoint-9 is a checkpoint name (checkpoint-N, final) of the run "
+                                     "in {r} (its .lora-rl-run.json), which the run's --overwrite deletes; choose "
+                                     "another directory"),
+    "under a checkpoint name of the run": (lambda r, a: (r / "final", r / "checkpoint-9/merged"),
+                                           "OUT_DIR {r}/checkpoint-9/merged is inside {r}/checkpoint-9, a checkpoint "
+                                           "name (checkpoint-N, final) of the run in {r}"),
+    "in the plain adapter": (lambda r, a: (a, a / "merged"),
+                             "OUT_DIR {a}/merged is inside the adapter directory {a}; choose a directory outside it"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", INSIDE)
+def test_out_dir_that_a_run_or_merge_would_delete_is_refused(case, tmp_path, llama_adapter):
+    """A merged model saved inside a checkpoint (or named like one in a run directory) would vanish with the
+    run's next --overwrite: refused before anything is written."""
+    run = run_with_final(llama_adapter, tmp_path)
+    adapter, out = INSIDE[case][0](run, llama_adapter)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = runner.invoke(app, ["merge", str(adapter), str(out), "--no-check"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("error: " + INSIDE[case][1].format(r=run, a=llama_adapter)), result.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_out_dir_beside_the_checkpoints_of_a_run_is_fine(tmp_path, llama_adapter):
+    run = run_with_final(llama_adapter, tmp_path)
+    result = runner.invoke(app, ["merge", str(run / "final"), str(run / "merged"), "--no-check"])
+    assert result.exit_code == 0, result.output
+    assert checkpoint.verify(run / "merged")["merged_from"]["adapter"] == str(run / "final")
+
+
 def test_base_named_in_adapter_config_not_found(tmp_path, llama_adapter):
     config = json.loads((llama_adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "org/model-on-a-hub"

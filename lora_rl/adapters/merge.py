@@ -61,6 +61,7 @@ def run(adapter_dir: Path, out_dir: Path, *, base: str | Path | None = None, dty
     out = Path(out_dir)
     refuse_working_dir(out)
     check_out_dir(out, force, [spec.directory, spec.base])
+    refuse_replaced_later(out, spec.directory)
     config = AutoConfig.from_pretrained(spec.base)
     refuse_other_base(spec, config)
     plan = streaming_merge.plan_merge(spec.base, config, spec.task, spec.header, spec.config)
@@ -149,6 +150,28 @@ def check_out_dir(out: Path, force: bool, inputs: list[Path]) -> None:
         held = streaming_merge.first_few(sorted(p.name for p in out.iterdir()))
         raise CheckpointError(f"OUT_DIR {out} is not a lora-rl output (no manifest.json of its own): --force replaces "
                               f"only those and empty directories; it would delete {held}")  # fmt: skip
+
+
+def refuse_replaced_later(out: Path, adapter: Path) -> None:
+    """OUT_DIR must not lie where lora-rl later deletes or replaces a whole directory, taking the merged model with
+    it unasked: inside a checkpoint or merged model (lora-rl's manifest: a run's --overwrite or a merge --force
+    replaces it whole), at or under a run directory's checkpoint name (checkpoint-N, final: the run's --overwrite
+    deletes them), or inside the adapter directory being merged."""
+    resolved = out.resolve()
+    for directory in resolved.parents:
+        if checkpoint.has_own_manifest(directory):
+            raise CheckpointError(f"OUT_DIR {out} is inside {directory}, a lora-rl checkpoint or output (its "
+                                  f"{checkpoint.MANIFEST}), which a run's --overwrite or a merge --force replaces "
+                                  "whole; choose a directory outside it")  # fmt: skip
+    for directory in (resolved, *resolved.parents):
+        if checkpoint.is_run_checkpoint(directory):
+            where, choose = ("is", "another directory") if directory == resolved else (
+                f"is inside {directory},", "a directory outside it")  # fmt: skip
+            raise CheckpointError(f"OUT_DIR {out} {where} a checkpoint name (checkpoint-N, final) of the run in "
+                                  f"{directory.parent} (its {checkpoint.RUN_RECORD}), which the run's --overwrite "
+                                  f"deletes; choose {choose}")  # fmt: skip
+    if adapter.resolve() in resolved.parents:
+        raise CheckpointError(f"OUT_DIR {out} is inside the adapter directory {adapter}; choose a directory outside it")
 
 
 def refuse_working_dir(out: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -163,6 +164,12 @@ def has_own_manifest(path: Path) -> bool:
     except (CheckpointError, ValueError):  # not JSON, not UTF-8: not a manifest lora-rl wrote
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def is_run_checkpoint(path: Path) -> bool:
+    """Whether `path` has the name of a checkpoint (checkpoint-N, final) in a run directory (one with lora-rl's run
+    record): what a run there writes, and its --overwrite deletes."""
+    return bool(re.fullmatch(r"checkpoint-\d+|final", path.name)) and (path.parent / RUN_RECORD).is_file()
 
 
 def refuse_foreign(paths: list[Path], recorded: set[str] = frozenset(), allow_empty: bool = False) -> None:
