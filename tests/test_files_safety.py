@@ -141,6 +141,17 @@ def test_interrupted_saves_of_lora_rl_are_recovered(recipe, tmp_path, monkeypatc
     ]  # fmt: skip
 
 
+def test_the_next_start_removes_the_temporary_run_files_of_a_killed_one(recipe, tmp_path):
+    out = start_run_dir(tmp_path / "out", recipe, overwrite=False)
+    (out / ".recipe.yaml.tmp").write_text("seed: 4")  # killed while saving the recipe
+    (out / ".metrics.jsonl.tmp-k3j4h5g6").write_text('{"step"')  # killed while trimming metrics on resume
+    (out / ".notes.tmp").write_text("the user's")
+    (out / ".recipe.yaml.tmp-link").symlink_to(out / ".notes.tmp")
+    start_run_dir(out, recipe, overwrite=False, resuming=True)
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK) == [
+        ".lora-rl-run.json", ".notes.tmp", ".recipe.yaml.tmp-link", "recipe.yaml"]  # fmt: skip
+
+
 # ---------------------------------------------------------------- the lock
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -493,6 +495,37 @@ def test_out_dir_beside_the_checkpoints_of_a_run_is_fine(tmp_path, llama_adapter
     result = runner.invoke(app, ["merge", str(run / "final"), str(run / "merged"), "--no-check"])
     assert result.exit_code == 0, result.output
     assert checkpoint.verify(run / "merged")["merged_from"]["adapter"] == str(run / "final")
+
+
+def test_temporaries_of_a_killed_merge_are_cleaned_by_the_next_merge(tmp_path, llama_adapter, monkeypatch):
+    """A kill mid-merge leaves OUT_DIR's temporary directory (lora-rl's mark in it): the next merge to OUT_DIR
+    removes it once its process is gone, and leaves those of a merge still running (here or on another host)."""
+    out = tmp_path / "out"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # with the cleanup below disabled: what SIGKILL leaves
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)
+        patched.setattr(merge, "save_extras", killed)
+        with pytest.raises(KeyboardInterrupt):
+            merge.run(llama_adapter, out, check=False)
+    (left,) = tmp_path.glob(".out.tmp-*")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        owner = f"{os.getpid()}@{socket.gethostname()}"
+        running = [left.with_name(left.name.replace(owner, f"{live.pid}@{socket.gethostname()}")),
+                   left.with_name(left.name.replace(owner, f"{os.getpid()}@another-host"))]  # fmt: skip
+        assert all(path != left for path in running)
+        for path in running:
+            shutil.copytree(left, path)
+        (tmp_path / ".out.tmp-notes").mkdir()  # no mark of lora-rl's: not lora-rl's
+        result = runner.invoke(app, ["merge", str(llama_adapter), str(out), "--no-check"])
+        assert result.exit_code == 0, result.output
+        assert sorted(p.name for p in tmp_path.glob(".out*")) == sorted([".out.tmp-notes"] + [p.name for p in running])
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_base_named_in_adapter_config_not_found(tmp_path, llama_adapter):

@@ -92,6 +92,7 @@ def run(adapter_dir: Path, out_dir: Path, *, base: str | Path | None = None, dty
             print_check(*check_merged(tmp, spec.task, reference, probes, out_dtype))
 
     merged_from = {"adapter": str(spec.directory), "base": str(spec.base), "streaming": stream}
+    clean_killed_merges(out)
     checkpoint.write_atomically(out, write, step=spec.manifest.get("step", 0), extra={"merged_from": merged_from})
     say(f"saved {out} in {time.perf_counter() - started:.1f}s")
     return out
@@ -150,6 +151,14 @@ def check_out_dir(out: Path, force: bool, inputs: list[Path]) -> None:
         held = streaming_merge.first_few(sorted(p.name for p in out.iterdir()))
         raise CheckpointError(f"OUT_DIR {out} is not a lora-rl output (no manifest.json of its own): --force replaces "
                               f"only those and empty directories; it would delete {held}")  # fmt: skip
+
+
+def clean_killed_merges(out: Path) -> None:
+    """Remove what merges to OUT_DIR that were killed left beside it (their temporary directory), once their
+    process is certainly gone; name those whose writer lora-rl cannot tell (made by an older lora-rl)."""
+    unproven = checkpoint.recover_interrupted_saves(out.parent, out.name)
+    display.print_warnings([f"{path}: left by a merge to {out} that was killed (lora-rl's mark is in it); delete it "
+                            "unless a merge to it is running" for path in unproven])  # fmt: skip
 
 
 def refuse_replaced_later(out: Path, adapter: Path) -> None:
