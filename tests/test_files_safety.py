@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from lora_rl import builtin
 from lora_rl.cli import app
 from lora_rl.commands import train_reward
+from lora_rl.models import tiny
 from lora_rl.recipe import load_recipe
 from lora_rl.training import checkpoint
 from lora_rl.training.checkpoint import CheckpointError, write_atomically
@@ -150,6 +152,26 @@ def test_the_next_start_removes_the_temporary_run_files_of_a_killed_one(recipe, 
     start_run_dir(out, recipe, overwrite=False, resuming=True)
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK) == [
         ".lora-rl-run.json", ".notes.tmp", ".recipe.yaml.tmp-link", "recipe.yaml"]  # fmt: skip
+
+
+def test_a_kill_while_building_a_built_in_model_is_cleaned_by_the_next_build(tmp_path, monkeypatch, gpt2_dir):
+    monkeypatch.setenv("LORA_RL_HOME", str(tmp_path))
+    models = tmp_path / "models"
+
+    def killed(name: str, directory: Path) -> None:
+        (directory / "config.json").write_text("{")
+        raise KeyboardInterrupt  # with the cleanup below disabled: what SIGKILL leaves
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tiny, "save", killed)
+        patched.setattr(builtin.shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(KeyboardInterrupt):
+            builtin.materialize("tiny-gpt2")
+    assert len(list(models.glob(".tiny-gpt2-*"))) == 1 and not (models / "tiny-gpt2").exists()
+    (models / ".tiny-llama-notes").mkdir()  # no mark of lora-rl's: not lora-rl's
+    assert builtin.materialize("tiny-gpt2") == models / "tiny-gpt2"
+    assert sorted(p.name for p in models.iterdir()) == [".lock", ".tiny-llama-notes", "tiny-gpt2"]
+    assert sorted(p.name for p in (models / "tiny-gpt2").iterdir()) == sorted(p.name for p in gpt2_dir.iterdir())
 
 
 # ---------------------------------------------------------------- the lock
