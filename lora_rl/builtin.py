@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lora_rl.files import writing
+
 # name -> (module with save(name, directory), the packages building it needs: none for the tiny models)
 MODELS = {
     "tiny-llama": ("lora_rl.models.tiny", ()),
@@ -60,7 +62,8 @@ def materialize(name: str) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
             try:
                 (tmp / BUILDING).touch()  # first: whatever a kill leaves from now on is provably ours
-                importlib.import_module(MODELS[name][0]).save(name, tmp)
+                with writing(final):
+                    importlib.import_module(MODELS[name][0]).save(name, tmp)
                 if not (tmp / "config.json").is_file():
                     # transformers writes a model only on rank 0 of a live process group
                     raise RuntimeError(f"{name}: built on a non-main process; materialize before the process group")

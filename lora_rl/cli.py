@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 import lora_rl
-from lora_rl import display
+from lora_rl import display, files
 from lora_rl.recipe import Recipe, RecipeError, load_recipe, one_line, recipe_warnings
 
 app = typer.Typer(
@@ -71,6 +71,11 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
     except typer.Exit:
         raise
+    except OSError as err:  # a full disk, a directory it may not write: the cause and the path, one line
+        if os.environ.get("LORA_RL_DEBUG"):
+            raise
+        display.print_problems([files.describe(err)])
+        raise typer.Exit(1) from None
     except Exception as err:  # not a problem we know (a bug, a CUDA error): one line; the traceback on request
         if os.environ.get("LORA_RL_DEBUG"):
             raise

@@ -3,6 +3,7 @@ honours the umask, and resumes where a cluster needs it (killed early, killed mi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -141,6 +142,51 @@ def test_interrupted_saves_of_lora_rl_are_recovered(recipe, tmp_path, monkeypatc
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK) == [
         ".lora-rl-run.json", "checkpoint-2", "final", "recipe.yaml"
     ]  # fmt: skip
+
+
+def full_disk(monkeypatch, name: str) -> None:
+    """Writing a file named `name` fills the disk half-way through, as Python reports it: no path in the error."""
+    write_text = Path.write_text
+
+    def write(path: Path, text: str, *args, **kwargs):
+        if path.name != name:
+            return write_text(path, text, *args, **kwargs)
+        write_text(path, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", write)
+
+
+def test_a_full_disk_at_the_start_names_the_path_and_leaves_nothing_behind(write_recipe, tmp_path, monkeypatch):
+    path = reward_recipe(write_recipe, tmp_path, max_steps=1)
+    out = Path(load_recipe(path).output_dir)
+    with monkeypatch.context() as patched:
+        full_disk(patched, ".recipe.yaml.tmp")
+        result = runner.invoke(app, ["train-reward", str(path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr == f"error: No space left on device: {out / 'recipe.yaml'}\n"
+    assert sorted(p.name for p in out.iterdir()) == [".lora-rl-run.json"]  # no temporary, no lock
+    result = runner.invoke(app, ["train-reward", str(path)])  # space again: the run starts where it stopped
+    assert result.exit_code == 0, result.output
+
+
+def test_a_full_disk_when_taking_the_lock_leaves_no_lock(recipe, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    dump = json.dump
+
+    def full(obj, f, *args, **kwargs):
+        if "pid" not in obj:
+            return dump(obj, f, *args, **kwargs)
+        f.write('{"pid"')
+        f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(json, "dump", full)
+        with pytest.raises(OSError, match=f"No space left on device: '{out / LOCK}'"):
+            start_run_dir(out, recipe, overwrite=False)
+    assert list(out.iterdir()) == []  # a half-written lock would hold the directory until deleted by hand
+    start_run_dir(out, recipe, overwrite=False)
 
 
 def test_the_next_start_removes_the_temporary_run_files_of_a_killed_one(recipe, tmp_path):

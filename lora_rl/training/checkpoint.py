@@ -27,6 +27,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from lora_rl.files import writing
+
 MANIFEST = "manifest.json"
 FORMAT = "lora-rl-checkpoint/1"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -53,9 +55,10 @@ def write_atomically(final: Path, write: Callable[[Path], None], step: int, extr
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{writer()}-", dir=final.parent))
     try:
         (tmp / PARTIAL).touch()  # first: a kill at any later moment leaves a directory provably lora-rl's
-        write(tmp)
-        _honour_umask(tmp)
-        _write_manifest(tmp, step, extra or {})
+        with writing(final):  # a library's write that fills the disk names no path
+            write(tmp)
+            _honour_umask(tmp)
+            _write_manifest(tmp, step, extra or {})
         (tmp / PARTIAL).unlink()  # the manifest marks it from now on
         _replace_dir(tmp, final)
     finally:
@@ -106,7 +109,7 @@ def write_file_atomically(path: Path, text: str) -> None:
     """Replace the file `path` by one holding `text`: a kill at any moment leaves the old file or the new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with writing(path), os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_rl import display
+from lora_rl.files import writing
 from lora_rl.training.checkpoint import CheckpointError
 
 LOCK = ".lora-rl.lock"
@@ -45,8 +46,12 @@ def take_lock(directory: Path) -> None:
                                         f"running ({_describe(holder)})"])  # fmt: skip
             _remove_if_unchanged(path, content)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(mine, f)
+        try:
+            with writing(path), os.fdopen(fd, "w") as f:
+                json.dump(mine, f)
+        except BaseException:  # a full disk: a half-written lock would hold the directory until deleted by hand
+            path.unlink(missing_ok=True)
+            raise
         _held.add(path)
         return
     raise CheckpointError(_in_use(directory, _holder(path.read_bytes())))
