@@ -142,6 +142,14 @@ def strict_template(tmp: Path) -> str:
     return f"actor.model.path={copy}"
 
 
+def strict_reward_model(tmp: Path) -> str:
+    """strict_template's model as a reward.model trained with data.chat_template: true (its recipe.yaml says so):
+    it reads each prompt through its own chat template."""
+    copy = Path(strict_template(tmp).split("=", 1)[1])
+    (copy / "recipe.yaml").write_text("data:\n  chat_template: true\n")
+    return f"reward.model={copy}"
+
+
 def system_prompts(tmp: Path) -> str:
     """Chat prompts, rows 3 and 5 opening with a system message."""
     user = [{"role": "user", "content": "tell about the cat"}]
@@ -237,6 +245,10 @@ CASES: dict[str, Case] = {
     "a chat template refusing a prompt (validate)": lambda t, a, m: (
         ["validate", ppo_recipe(t), strict_template(t), system_prompts(t), "--for", "grpo"],
         "{t}/chat.jsonl: rows 3, 5: the chat template of actor.model.path fails on the prompt"),
+    "a reward.model's chat template refusing a prompt (ppo)": lambda t, a, m: (
+        ["ppo", ppo_recipe(t), strict_reward_model(t), "reward.function=null", system_prompts(t)],
+        "{t}/chat.jsonl: rows 3, 5: the chat template of reward.model fails on the prompt (TemplateError: System "
+        "role not supported)"),
     "every pair the same once truncated": lambda t, a, m: (
         ["train-reward", reward_recipe(t), "data.max_length=3"],
         "{t}/pairs.jsonl: chosen and rejected tokenize to the same ids in all 8 pairs (rows 1, 2, 3, 4, 5 and 3 "
