@@ -143,8 +143,9 @@ def validate(
 ) -> None:
     """Validate RECIPE, print it resolved, build the model and print the LoRA pre-flight table. No training.
 
-    Runs every check the command (--for) makes before it loads a model: data, model and adapter files, and for
-    ppo the reward source (reward.function is imported).
+    Runs every check the command (--for) makes before it loads a model: data (tokenized: chat templates rendered,
+    lengths against the model's context), model and adapter files, and for ppo the reward source (reward.function
+    is imported).
     """
     from lora_rl.commands import validate as command
 
