@@ -256,7 +256,7 @@ CASES: dict[str, Case] = {
     "every pair's chosen equal to its rejected (validate)": lambda t, a, m: (
         ["validate", reward_recipe(t), same_pairs(t), "--for", "train-reward"],
         "{t}/same.jsonl: chosen and rejected tokenize to the same ids in all 2 pairs (rows 1, 2): nothing to learn "
-        "(loss log 2, accuracy 0); chosen == rejected in 2"),
+        "(loss log 2, accuracy 0); 2 are the same in full (equal texts, or text the tokenizer cannot tell apart)"),
     "load with --max-new-tokens 0": lambda t, a, m: (
         ["load", a["policy"], "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: got 0; expected"),
 }  # fmt: skip

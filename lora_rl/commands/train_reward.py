@@ -307,10 +307,12 @@ def identical_pairs(split: Split, found: Tokenized, recipe: Recipe, refuse_all: 
     if not same:
         return None
     equal, cut = len(same) - found.cut, found.cut
-    causes = [f"chosen == rejected in {equal}"] if equal else []
+    causes = [f"{equal} {'is' if equal == 1 else 'are'} the same in full (equal texts, or text the tokenizer cannot "
+              "tell apart)"] if equal else []  # fmt: skip
     if cut:
         limit = f"past data.max_length {recipe.data.max_length}"
-        causes.append(f"they differ only {limit}: raise it" if cut == len(same) else f"{cut} differ only {limit}")
+        causes.append(f"they differ only {limit}: raise it" if cut == len(same) else
+                      f"{cut} differ{'s' if cut == 1 else ''} only {limit}")  # fmt: skip
     start = f"{split.path}: chosen and rejected tokenize to the same ids in"
     if refuse_all and len(same) == total:
         raise DataError([f"{start} all {total} pairs ({rows_named(list(same))}): nothing to learn (loss log 2, "
