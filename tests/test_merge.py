@@ -520,9 +520,12 @@ def test_temporaries_of_a_killed_merge_are_cleaned_by_the_next_merge(tmp_path, l
         for path in running:
             shutil.copytree(left, path)
         (tmp_path / ".out.tmp-notes").mkdir()  # no mark of lora-rl's: not lora-rl's
-        result = runner.invoke(app, ["merge", str(llama_adapter), str(out), "--no-check"])
+        older = shutil.copytree(left, tmp_path / ".out.tmp-k3j4h5g6")  # an older lora-rl's name: no writer in it
+        result = runner.invoke(app, ["merge", str(llama_adapter), str(out), "--no-check"], env={"COLUMNS": "400"})
         assert result.exit_code == 0, result.output
-        assert sorted(p.name for p in tmp_path.glob(".out*")) == sorted([".out.tmp-notes"] + [p.name for p in running])
+        kept = [".out.tmp-notes", older.name] + [p.name for p in running]
+        assert sorted(p.name for p in tmp_path.glob(".out*")) == sorted(kept)
+        assert f"warning: {older}: left by a merge to {out} that was killed" in result.stderr
     finally:
         live.kill()
         live.wait()
