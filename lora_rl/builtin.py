@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lora_rl.files import writing
+
 # name -> (module with save(name, directory), the packages building it needs: none for the tiny models)
 MODELS = {
     "tiny-llama": ("lora_rl.models.tiny", ()),
@@ -55,14 +57,30 @@ def materialize(name: str) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(final.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        remove_killed_builds(final.parent)
         if not (final / "config.json").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
             try:
-                importlib.import_module(MODELS[name][0]).save(name, tmp)
+                (tmp / BUILDING).touch()  # first: whatever a kill leaves from now on is provably ours
+                with writing(final):
+                    importlib.import_module(MODELS[name][0]).save(name, tmp)
                 if not (tmp / "config.json").is_file():
                     # transformers writes a model only on rank 0 of a live process group
                     raise RuntimeError(f"{name}: built on a non-main process; materialize before the process group")
+                (tmp / BUILDING).unlink()
                 os.replace(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+BUILDING = ".lora-rl-building"  # in a model's temporary directory until it is complete
+
+
+def remove_killed_builds(root: Path) -> None:
+    """The temporary directories of builds that were killed (SIGKILL, a lost node): named `.NAME-XXXXXXXX` for a
+    built-in NAME, with lora-rl's mark in them. Called holding the cache's lock, so none is being built."""
+    for tmp in root.glob(".*-*"):
+        ours = any(tmp.name.startswith(f".{name}-") for name in NAMES) and not tmp.is_symlink()
+        if ours and (tmp / BUILDING).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)

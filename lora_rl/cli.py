@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 import lora_rl
-from lora_rl import display
+from lora_rl import display, files
 from lora_rl.recipe import Recipe, RecipeError, load_recipe, one_line, recipe_warnings
 
 app = typer.Typer(
@@ -78,6 +78,11 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         display.print_warnings([INTERRUPTED])
         raise typer.Exit(130) from None
+    except OSError as err:  # a full disk, a directory it may not write: the cause and the path, one line
+        if os.environ.get("LORA_RL_DEBUG"):
+            raise
+        display.print_problems([files.describe(err)])
+        raise typer.Exit(1) from None
     except Exception as err:  # not a problem we know (a bug, a CUDA error): one line; the traceback on request
         if os.environ.get("LORA_RL_DEBUG"):
             raise
@@ -147,8 +152,9 @@ def validate(
 ) -> None:
     """Validate RECIPE, print it resolved, build the model and print the LoRA pre-flight table. No training.
 
-    Runs every check the command (--for) makes before it loads a model: data, model and adapter files, and for
-    ppo the reward source (reward.function is imported).
+    Runs every check the command (--for) makes before it loads a model: data (tokenized: chat templates rendered,
+    lengths against the model's context), model and adapter files, and for ppo the reward source (reward.function
+    is imported).
     """
 
     with user_errors():

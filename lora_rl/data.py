@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -119,6 +121,15 @@ def check_pairs(rows: list[dict[str, Any]], path: str | Path) -> None:
         raise DataError(problems)
 
 
+@contextmanager
+def rows_of(path: str | Path) -> Iterator[None]:
+    """A DataError raised inside names the file `path` first: the rows its lines name are that file's."""
+    try:
+        yield
+    except DataError as err:
+        raise DataError([f"{path}: {problem}" for problem in err.problems]) from None
+
+
 def load_pairs(path: str | Path) -> list[dict[str, Any]]:
     rows = read_rows(path)
     check_pairs(rows, path)
@@ -141,36 +152,48 @@ class Tokenized(NamedTuple):
     pairs: list[Pair]
     truncated: int  # pairs where chosen or rejected exceeded max_length
     dropped: int  # of those, how many were dropped (drop_long)
-    longest: int = 0  # tokenize_prompts: the longest prompt's length before truncation
+    longest: int = 0  # the longest prompt's (or kept pair's) length before truncation
+    longest_row: int = 0  # its row number
+    identical: tuple[int, ...] = ()  # tokenize_pairs: rows kept whose chosen and rejected ids are the same
+    cut: int = 0  # of those, how many differed before truncation
 
 
 def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, drop_long: bool,
-                   chat_template: bool = False) -> Tokenized:  # fmt: skip
+                   chat_template: bool = False, numbers: list[int] | None = None) -> Tokenized:  # fmt: skip
     """Tokenize prompt+chosen and prompt+rejected as reward_pair_ids does (plain: the prompt prepended as is, as
     TRL does; chat_template: as ppo and grpo show a completion to a reward adapter), each ending in the EOS its
-    reward is read at; a long text keeps its first tokens and the EOS."""
+    reward is read at; a long text keeps its first tokens and the EOS. `numbers`: the rows' numbers in their
+    file, for messages (default 1, 2, ...). Pairs whose chosen and rejected end up the same ids are counted:
+    they give loss log 2 and accuracy 0 whatever the model does."""
     if not rows:
         return Tokenized([], 0, 0)
+    numbers = numbers or list(range(1, len(rows) + 1))
     prompts = [row.get("prompt") or "" for row in rows]
     if chat_template:
         check_chat_template(tokenizer, "data.chat_template is true")
-        unprompted = [number for number, prompt in enumerate(prompts, start=1) if not prompt]
+        unprompted = [number for number, prompt in zip(numbers, prompts, strict=True) if not prompt]
         if unprompted:  # a templated user message needs one: an empty turn is not what ppo ever shows
             raise DataError([f"rows {_first(unprompted)}: no 'prompt'; data.chat_template: true formats each pair "
                              "as a prompt (a user message) and its answer"])  # fmt: skip
-    chosen = reward_pair_ids(tokenizer, prompts, [row["chosen"] for row in rows], chat_template)
-    rejected = reward_pair_ids(tokenizer, prompts, [row["rejected"] for row in rows], chat_template)
-    empty = [number for number, (c, r) in enumerate(zip(chosen, rejected, strict=True), start=1)
-             if len(c) < 2 or len(r) < 2]  # fmt: skip
+    chosen = reward_pair_ids(tokenizer, prompts, [row["chosen"] for row in rows], chat_template, numbers)
+    rejected = reward_pair_ids(tokenizer, prompts, [row["rejected"] for row in rows], chat_template, numbers)
+    empty = [number for number, c, r in zip(numbers, chosen, rejected, strict=True) if len(c) < 2 or len(r) < 2]
     if empty:  # nothing but the EOS to read a reward off; usually a tokenizer that does not fit the data
         raise DataError([f"rows {_first(empty)}: text tokenizes to zero tokens; check the tokenizer and the data"])
-    pairs, truncated = [], 0
-    for row, c, r in zip(rows, chosen, rejected, strict=True):
+    pairs, truncated, identical, cut, longest = [], 0, [], 0, (0, 0)
+    for number, row, c, r in zip(numbers, rows, chosen, rejected, strict=True):
         too_long = len(c) > max_length or len(r) > max_length
         truncated += too_long
-        if not (too_long and drop_long):
-            pairs.append(Pair(_keep_last(c, max_length), _keep_last(r, max_length), float(row.get("margin") or 0.0)))
-    return Tokenized(pairs, truncated, truncated if drop_long else 0)
+        if too_long and drop_long:
+            continue
+        pair = Pair(_keep_last(c, max_length), _keep_last(r, max_length), float(row.get("margin") or 0.0))
+        if pair.chosen == pair.rejected:
+            identical.append(number)
+            cut += c != r
+        longest = max(longest, (max(len(c), len(r)), -number))  # the first row of that length
+        pairs.append(pair)
+    dropped = truncated if drop_long else 0
+    return Tokenized(pairs, truncated, dropped, longest[0], -longest[1], tuple(identical), cut)
 
 
 def with_eos(sequences: list[list[int]], eos_id: int) -> list[list[int]]:
@@ -186,7 +209,8 @@ def reward_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return with_eos(tokenizer(texts)["input_ids"], _eos_id(tokenizer))
 
 
-def reward_pair_ids(tokenizer, prompts: list, texts: list[str], chat_template: bool) -> list[list[int]]:
+def reward_pair_ids(tokenizer, prompts: list, texts: list[str], chat_template: bool,
+                    numbers: list[int] | None = None) -> list[list[int]]:  # fmt: skip
     """The token ids a reward model reads for each prompt and its answer `text`, then EOS.
 
     Plain: prompt + text as one string (reward_ids). chat_template: exactly what ppo's reward adapter reads,
@@ -196,7 +220,8 @@ def reward_pair_ids(tokenizer, prompts: list, texts: list[str], chat_template: b
         return reward_ids(tokenizer, [p + t for p, t in zip(prompts, texts, strict=True)])
     eos_id = _eos_id(tokenizer)
     answers = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return with_eos([p + a for p, a in zip(prompt_ids(tokenizer, prompts, True), answers, strict=True)], eos_id)
+    templated = prompt_ids(tokenizer, prompts, True, numbers)
+    return with_eos([p + a for p, a in zip(templated, answers, strict=True)], eos_id)
 
 
 def _eos_id(tokenizer) -> int:
@@ -211,15 +236,28 @@ def check_chat_template(tokenizer, asked_by: str) -> None:
         raise DataError([f"{asked_by}, but the tokenizer has no chat template"])
 
 
-def prompt_ids(tokenizer, prompts: list, chat_template: bool) -> list[list[int]]:
+def prompt_ids(tokenizer, prompts: list, chat_template: bool, numbers: list[int] | None = None,
+               template: str = "the chat template") -> list[list[int]]:  # fmt: skip
     """Token ids per prompt as the policy sees it: a text as is (the tokenizer's special tokens included), or
     through the chat template as a user message followed by the assistant's header; a list of chat messages
-    always goes through the template."""
+    always goes through the template. A template that raises for some prompts (one refusing a system message,
+    say) is one DataError naming their rows (`numbers`, default 1, 2, ...) and `template`, and its message."""
     if not chat_template and not (prompts and isinstance(prompts[0], list)):
         return tokenizer(prompts)["input_ids"]
-    messages = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
-    return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
-            for m in messages]  # fmt: skip
+    from jinja2 import TemplateError  # what transformers' templates raise, raise_exception() included
+
+    ids, failed = [], {}
+    for number, prompt in zip(numbers or range(1, len(prompts) + 1), prompts, strict=True):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        try:
+            ids.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False))  # fmt: skip
+        except TemplateError as err:
+            failed.setdefault(one_line(err), []).append(number)
+    if failed:
+        raise DataError([f"{rows_named(rows)}: {template} fails on the prompt ({message})"
+                         for message, rows in failed.items()])  # fmt: skip
+    return ids
 
 
 def _keep_last(ids: list[int], max_length: int) -> list[int]:
@@ -230,6 +268,11 @@ def _keep_last(ids: list[int], max_length: int) -> list[int]:
 def _first(numbers: list[int], limit: int = 5) -> str:
     shown = ", ".join(map(str, numbers[:limit]))
     return shown + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
+
+
+def rows_named(numbers: list[int]) -> str:
+    """'row 3', 'rows 3, 5', 'rows 1, 2, 3, 4, 5 and 3 more': rows in a message."""
+    return f"row {numbers[0]}" if len(numbers) == 1 else f"rows {_first(numbers)}"
 
 
 def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,18 +340,22 @@ def _margins(pairs: list[Pair]) -> torch.Tensor:
     return torch.tensor([p.margin for p in pairs], dtype=torch.float32)
 
 
-def tokenize_prompts(prompts: list, tokenizer, max_length: int, chat_template: bool) -> Tokenized:
+def tokenize_prompts(prompts: list, tokenizer, max_length: int, chat_template: bool,
+                     template: str = "the chat template") -> Tokenized:  # fmt: skip
     """Token ids per prompt (prompt_ids): a text (through the chat template as a user message when asked), or a
     list of chat messages (always through the chat template); longer prompts keep their last max_length tokens,
     since generation continues from the end. Returned as Tokenized(pairs=ids, ...), with the longest length."""
     if chat_template or (prompts and isinstance(prompts[0], list)):
         check_chat_template(tokenizer, "prompts are chat messages or generation.chat_template is true")
-    ids = prompt_ids(tokenizer, prompts, chat_template)
+    ids = prompt_ids(tokenizer, prompts, chat_template, template=template)
     empty = [number for number, seq in enumerate(ids, start=1) if not seq]
     if empty:
         raise DataError([f"rows {_first(empty)}: prompt tokenizes to zero tokens; check the tokenizer and the data"])
     truncated = sum(len(seq) > max_length for seq in ids)
-    return Tokenized([seq[-max_length:] for seq in ids], truncated, 0, max(map(len, ids), default=0))
+    lengths = [len(seq) for seq in ids]
+    longest = max(lengths, default=0)
+    row = lengths.index(longest) + 1 if lengths else 0
+    return Tokenized([seq[-max_length:] for seq in ids], truncated, 0, longest, row)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
+from lora_rl.files import writing
 from lora_rl.recipe import Recipe
 
 if TYPE_CHECKING:  # for the annotation only: display imports no model code
@@ -60,7 +61,7 @@ def _shorten(names: list[str], limit: int = 4) -> str:
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
     """One JSON line per record: `metrics.jsonl` is read by scripts, so keys stay stable."""
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from lora_rl import builtin
+from lora_rl.files import writing
 
 # RLinf's list, matched against each module's leaf name; entries a model lacks are skipped.
 DEFAULT_TARGET_MODULES = (
@@ -296,10 +297,16 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        """Write the resolved recipe as YAML, atomically (temp file + rename)."""
+        """Write the resolved recipe as YAML, atomically (temp file + rename); a failed write (a full disk)
+        leaves no temp file and names `path`."""
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        try:
+            with writing(path):
+                tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+                os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 # ---------------------------------------------------------------- loading

@@ -111,6 +111,53 @@ def working_dir(tmp: Path, monkeypatch) -> Path:
     return tmp / "work"
 
 
+GPT2 = {"path": "tiny-gpt2", "lora_rank": 4, "target_modules": ["c_attn"]}  # learned positions: 512 of them
+GRPO = {"num_steps": 1, "prompts_per_step": 2, "num_generations": 2}
+
+
+def long_prompts(tmp: Path) -> str:
+    """Prompts, row 1 of 601 tokens (the tiny tokenizer: <bos>, then a token a word) with data.max_length 700."""
+    rows = [{"prompt": "the cat " * 300}] + [{"prompt": "tell about the cat"}] * 7
+    return f"data.train_path={write_rows(tmp / 'long.jsonl', rows)}"
+
+
+def long_pairs(tmp: Path) -> str:
+    """Pairs whose row 2 takes 605 tokens (<bos>, 600 of prompt, 3 of answer, <eos>)."""
+    rows = [{"chosen": "a good cat", "rejected": "a bad cat"}] * 8
+    rows[1] = {"prompt": "the cat " * 300, "chosen": "a good cat", "rejected": "bad"}
+    return f"data.train_path={write_rows(tmp / 'long.jsonl', rows)}"
+
+
+def same_pairs(tmp: Path) -> str:
+    return f"data.train_path={write_rows(tmp / 'same.jsonl', [{'chosen': 'a', 'rejected': 'a'}] * 2)}"
+
+
+def strict_template(tmp: Path) -> str:
+    """tiny-llama with a chat template that refuses a system message (as Gemma's and Mistral's do)."""
+    copy = Path(shutil.copytree(builtin.materialize("tiny-llama"), tmp / "strict"))
+    refuse = "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    template = (copy / "chat_template.jinja").read_text()
+    (copy / "chat_template.jinja").write_text(template.replace("{% for message in messages %}",
+                                                               "{% for message in messages %}" + refuse))  # fmt: skip
+    return f"actor.model.path={copy}"
+
+
+def strict_reward_model(tmp: Path) -> str:
+    """strict_template's model as a reward.model trained with data.chat_template: true (its recipe.yaml says so):
+    it reads each prompt through its own chat template."""
+    copy = Path(strict_template(tmp).split("=", 1)[1])
+    (copy / "recipe.yaml").write_text("data:\n  chat_template: true\n")
+    return f"reward.model={copy}"
+
+
+def system_prompts(tmp: Path) -> str:
+    """Chat prompts, rows 3 and 5 opening with a system message."""
+    user = [{"role": "user", "content": "tell about the cat"}]
+    rows = [{"prompt": user}] * 8
+    rows[2] = rows[4] = {"prompt": [{"role": "system", "content": "be nice"}, *user]}
+    return f"data.train_path={write_rows(tmp / 'chat.jsonl', rows)}"
+
+
 BLANK, NOT_AN_OBJECT, CUT_SHORT = b" \n\n", b'{"prompt": "a"}\n[1, 2]\n', b'{"prompt": "a"}\n{"prompt"\n'
 
 # case -> build(tmp_path, adapters, monkeypatch) -> (CLI arguments, text the one error line must hold)
@@ -175,6 +222,41 @@ CASES: dict[str, Case] = {
     "merge into the working directory": lambda t, a, m: (
         ["merge", a["policy"], ".", "--force"] if working_dir(t, m) else [],
         "OUT_DIR .: the working directory cannot be replaced"),
+    "a prompt longer than the model's context (grpo)": lambda t, a, m: (
+        ["grpo", ppo_recipe(t, actor={"model": GPT2}, grpo=GRPO), long_prompts(t), "data.max_length=700"],
+        "data.max_length + generation.max_new_tokens: a sequence takes up to 605 positions (601 prompt tokens: the "
+        "longest prompt, {t}/long.jsonl row 1; 4 new), over the 512 that actor.model.path tiny-gpt2 takes "
+        "(n_positions in its config.json); set data.max_length to at most 508"),
+    "a prompt longer than the model's context (validate)": lambda t, a, m: (
+        ["validate", ppo_recipe(t, actor={"model": GPT2}), long_prompts(t), "data.max_length=700", "--for", "ppo"],
+        "data.max_length + generation.max_new_tokens: a sequence takes up to 605 positions"),
+    "prompts cut to a data.max_length over the model's context": lambda t, a, m: (
+        ["ppo", ppo_recipe(t, actor={"model": GPT2}), long_prompts(t), "data.max_length=510"],
+        "a sequence takes up to 514 positions (510 prompt tokens: data.max_length; 4 new), over the 512"),
+    "a pair longer than the model's context (train-reward)": lambda t, a, m: (
+        ["train-reward", reward_recipe(t), long_pairs(t), "data.max_length=700", "actor.model.path=tiny-gpt2",
+         "actor.model.target_modules=[c_attn]"],
+        "data.max_length: a pair takes up to 605 positions (the longest pair, {t}/long.jsonl row 2), over the 512 "
+        "that actor.model.path tiny-gpt2 takes (n_positions in its config.json); set data.max_length to at most 512"),
+    "a chat template refusing a prompt (grpo)": lambda t, a, m: (
+        ["grpo", ppo_recipe(t, grpo=GRPO), strict_template(t), system_prompts(t), "data.max_length=64"],
+        "{t}/chat.jsonl: rows 3, 5: the chat template of actor.model.path fails on the prompt (TemplateError: "
+        "System role not supported)"),
+    "a chat template refusing a prompt (validate)": lambda t, a, m: (
+        ["validate", ppo_recipe(t), strict_template(t), system_prompts(t), "--for", "grpo"],
+        "{t}/chat.jsonl: rows 3, 5: the chat template of actor.model.path fails on the prompt"),
+    "a reward.model's chat template refusing a prompt (ppo)": lambda t, a, m: (
+        ["ppo", ppo_recipe(t), strict_reward_model(t), "reward.function=null", system_prompts(t)],
+        "{t}/chat.jsonl: rows 3, 5: the chat template of reward.model fails on the prompt (TemplateError: System "
+        "role not supported)"),
+    "every pair the same once truncated": lambda t, a, m: (
+        ["train-reward", reward_recipe(t), "data.max_length=3"],
+        "{t}/pairs.jsonl: chosen and rejected tokenize to the same ids in all 8 pairs (rows 1, 2, 3, 4, 5 and 3 "
+        "more): nothing to learn (loss log 2, accuracy 0); they differ only past data.max_length 3: raise it"),
+    "every pair's chosen equal to its rejected (validate)": lambda t, a, m: (
+        ["validate", reward_recipe(t), same_pairs(t), "--for", "train-reward"],
+        "{t}/same.jsonl: chosen and rejected tokenize to the same ids in all 2 pairs (rows 1, 2): nothing to learn "
+        "(loss log 2, accuracy 0); 2 are the same in full (equal texts, or text the tokenizer cannot tell apart)"),
     "load with --max-new-tokens 0": lambda t, a, m: (
         ["load", a["policy"], "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: got 0; expected"),
 }  # fmt: skip

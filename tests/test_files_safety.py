@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from lora_rl import builtin
 from lora_rl.cli import app
 from lora_rl.commands import train_reward
+from lora_rl.models import tiny
 from lora_rl.recipe import load_recipe
 from lora_rl.training import checkpoint
 from lora_rl.training import lock as run_lock
@@ -141,6 +143,82 @@ def test_interrupted_saves_of_lora_rl_are_recovered(recipe, tmp_path, monkeypatc
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK) == [
         ".lora-rl-run.json", "checkpoint-2", "final", "recipe.yaml"
     ]  # fmt: skip
+
+
+def full_disk(monkeypatch, name: str) -> None:
+    """Writing a file named `name` fills the disk half-way through, as Python reports it: no path in the error."""
+    write_text = Path.write_text
+
+    def write(path: Path, text: str, *args, **kwargs):
+        if path.name != name:
+            return write_text(path, text, *args, **kwargs)
+        write_text(path, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", write)
+
+
+def test_a_full_disk_at_the_start_names_the_path_and_leaves_nothing_behind(write_recipe, tmp_path, monkeypatch):
+    path = reward_recipe(write_recipe, tmp_path, max_steps=1)
+    out = Path(load_recipe(path).output_dir)
+    with monkeypatch.context() as patched:
+        full_disk(patched, ".recipe.yaml.tmp")
+        result = runner.invoke(app, ["train-reward", str(path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr == f"error: No space left on device: {out / 'recipe.yaml'}\n"
+    assert sorted(p.name for p in out.iterdir()) == [".lora-rl-run.json"]  # no temporary, no lock
+    result = runner.invoke(app, ["train-reward", str(path)])  # space again: the run starts where it stopped
+    assert result.exit_code == 0, result.output
+
+
+def test_a_full_disk_when_taking_the_lock_leaves_no_lock(recipe, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    dump = json.dump
+
+    def full(obj, f, *args, **kwargs):
+        if "pid" not in obj:
+            return dump(obj, f, *args, **kwargs)
+        f.write('{"pid"')
+        f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(json, "dump", full)
+        with pytest.raises(OSError, match=f"No space left on device: '{out / LOCK}'"):
+            start_run_dir(out, recipe, overwrite=False)
+    assert list(out.iterdir()) == []  # a half-written lock would hold the directory until deleted by hand
+    start_run_dir(out, recipe, overwrite=False)
+
+
+def test_the_next_start_removes_the_temporary_run_files_of_a_killed_one(recipe, tmp_path):
+    out = start_run_dir(tmp_path / "out", recipe, overwrite=False)
+    (out / ".recipe.yaml.tmp").write_text("seed: 4")  # killed while saving the recipe
+    (out / ".metrics.jsonl.tmp-k3j4h5g6").write_text('{"step"')  # killed while trimming metrics on resume
+    (out / ".notes.tmp").write_text("the user's")
+    (out / ".recipe.yaml.tmp-link").symlink_to(out / ".notes.tmp")
+    start_run_dir(out, recipe, overwrite=False, resuming=True)
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK) == [
+        ".lora-rl-run.json", ".notes.tmp", ".recipe.yaml.tmp-link", "recipe.yaml"]  # fmt: skip
+
+
+def test_a_kill_while_building_a_built_in_model_is_cleaned_by_the_next_build(tmp_path, monkeypatch, gpt2_dir):
+    monkeypatch.setenv("LORA_RL_HOME", str(tmp_path))
+    models = tmp_path / "models"
+
+    def killed(name: str, directory: Path) -> None:
+        (directory / "config.json").write_text("{")
+        raise KeyboardInterrupt  # with the cleanup below disabled: what SIGKILL leaves
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tiny, "save", killed)
+        patched.setattr(builtin.shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(KeyboardInterrupt):
+            builtin.materialize("tiny-gpt2")
+    assert len(list(models.glob(".tiny-gpt2-*"))) == 1 and not (models / "tiny-gpt2").exists()
+    (models / ".tiny-llama-notes").mkdir()  # no mark of lora-rl's: not lora-rl's
+    assert builtin.materialize("tiny-gpt2") == models / "tiny-gpt2"
+    assert sorted(p.name for p in models.iterdir()) == [".lock", ".tiny-llama-notes", "tiny-gpt2"]
+    assert sorted(p.name for p in (models / "tiny-gpt2").iterdir()) == sorted(p.name for p in gpt2_dir.iterdir())
 
 
 # ---------------------------------------------------------------- the lock

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -444,6 +446,89 @@ def test_out_dir_holding_an_input_is_refused(tmp_path, llama_adapter):
     assert result.exit_code == 2
     assert result.stderr == f"error: OUT_DIR {tmp_path} holds the input {llama_adapter}; choose another directory\n"
     assert (llama_adapter / "adapter_model.safetensors").is_file()
+
+
+def run_with_final(adapter: Path, tmp: Path) -> Path:
+    """A run directory as a training command leaves it: its run record, and final/ sealed with lora-rl's manifest."""
+    run = tmp / "run"
+    run.mkdir()
+    (run / checkpoint.RUN_RECORD).write_text(json.dumps({"files": list(checkpoint.RUN_FILES)}) + "\n")
+    checkpoint.write_atomically(run / "final", lambda d: shutil.copytree(adapter, d, dirs_exist_ok=True), 0)
+    return run
+
+
+# case -> (ADAPTER_DIR, OUT_DIR), given the run directory and a plain adapter; the error line without "error: "
+INSIDE = {
+    "in the merged final/": (lambda r, a: (r / "final", r / "final/merged"),
+                             "OUT_DIR {r}/final/merged is inside {r}/final, a lora-rl checkpoint or output (its "
+                             "manifest.json), which a run's --overwrite or a merge --force replaces whole; choose a "
+                             "directory outside it"),
+    "in another checkpoint": (lambda r, a: (a, r / "final/merged"), "OUT_DIR {r}/final/merged is inside {r}/final"),
+    "a checkpoint name of the run": (lambda r, a: (r / "final", r / "checkpoint-9"),
+                                     "OUT_DIR {r}/checkpoint-9 is a checkpoint name (checkpoint-N, final) of the run "
+                                     "in {r} (its .lora-rl-run.json), which the run's --overwrite deletes; choose "
+                                     "another directory"),
+    "under a checkpoint name of the run": (lambda r, a: (r / "final", r / "checkpoint-9/merged"),
+                                           "OUT_DIR {r}/checkpoint-9/merged is inside {r}/checkpoint-9, a checkpoint "
+                                           "name (checkpoint-N, final) of the run in {r}"),
+    "in the plain adapter": (lambda r, a: (a, a / "merged"),
+                             "OUT_DIR {a}/merged is inside the adapter directory {a}; choose a directory outside it"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", INSIDE)
+def test_out_dir_that_a_run_or_merge_would_delete_is_refused(case, tmp_path, llama_adapter):
+    """A merged model saved inside a checkpoint (or named like one in a run directory) would vanish with the
+    run's next --overwrite: refused before anything is written."""
+    run = run_with_final(llama_adapter, tmp_path)
+    adapter, out = INSIDE[case][0](run, llama_adapter)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = runner.invoke(app, ["merge", str(adapter), str(out), "--no-check"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("error: " + INSIDE[case][1].format(r=run, a=llama_adapter)), result.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_out_dir_beside_the_checkpoints_of_a_run_is_fine(tmp_path, llama_adapter):
+    run = run_with_final(llama_adapter, tmp_path)
+    result = runner.invoke(app, ["merge", str(run / "final"), str(run / "merged"), "--no-check"])
+    assert result.exit_code == 0, result.output
+    assert checkpoint.verify(run / "merged")["merged_from"]["adapter"] == str(run / "final")
+
+
+def test_temporaries_of_a_killed_merge_are_cleaned_by_the_next_merge(tmp_path, llama_adapter, monkeypatch):
+    """A kill mid-merge leaves OUT_DIR's temporary directory (lora-rl's mark in it): the next merge to OUT_DIR
+    removes it once its process is gone, and leaves those of a merge still running (here or on another host)."""
+    out = tmp_path / "out"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # with the cleanup below disabled: what SIGKILL leaves
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)
+        patched.setattr(merge, "save_extras", killed)
+        with pytest.raises(KeyboardInterrupt):
+            merge.run(llama_adapter, out, check=False)
+    (left,) = tmp_path.glob(".out.tmp-*")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        owner = f"{os.getpid()}@{socket.gethostname()}"
+        running = [left.with_name(left.name.replace(owner, f"{live.pid}@{socket.gethostname()}")),
+                   left.with_name(left.name.replace(owner, f"{os.getpid()}@another-host"))]  # fmt: skip
+        assert all(path != left for path in running)
+        for path in running:
+            shutil.copytree(left, path)
+        (tmp_path / ".out.tmp-notes").mkdir()  # no mark of lora-rl's: not lora-rl's
+        older = shutil.copytree(left, tmp_path / ".out.tmp-k3j4h5g6")  # an older lora-rl's name: no writer in it
+        result = runner.invoke(app, ["merge", str(llama_adapter), str(out), "--no-check"], env={"COLUMNS": "400"})
+        assert result.exit_code == 0, result.output
+        kept = [".out.tmp-notes", older.name] + [p.name for p in running]
+        assert sorted(p.name for p in tmp_path.glob(".out*")) == sorted(kept)
+        assert f"warning: {older}: left by a merge to {out} that was killed" in result.stderr
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_base_named_in_adapter_config_not_found(tmp_path, llama_adapter):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,29 @@ def test_bad_data_stops_before_training(write_recipe, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_pairs_that_tokenize_alike_are_counted_before_training(write_recipe, tmp_path):
+    """Pairs whose chosen and rejected read the same (equal texts, or cut by data.max_length before they differ)
+    teach nothing: counted in a warning naming their rows in their file, held-out rows included; all of them: an
+    error (test_bad_inputs)."""
+    rows = [{"chosen": "a good cat", "rejected": "a bad cat"}] * 8
+    rows[1] = rows[5] = {"chosen": "the cat", "rejected": "the cat"}
+    rows[6] = {"prompt": "the cat is", "chosen": " good and big and old", "rejected": " good and big and new"}
+    train = tmp_path / "pairs.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = write_recipe({"data": {"train_path": str(train), "max_length": 8}, "train": {"max_steps": 1}})
+    result = CliRunner().invoke(app, ["train-reward", str(path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {train}: chosen and rejected tokenize to the same ids in 3 of 8 pairs (rows 2, 6, 7): they "
+            "teach nothing (loss log 2, accuracy 0); 2 are the same in full (equal texts, or text the tokenizer "
+            "cannot tell apart), 1 differs only past data.max_length 8") in result.stderr  # fmt: skip
+    # held out with the seed: the rows keep their numbers in the file
+    result = CliRunner().invoke(app, ["validate", str(path), "data.eval_fraction=0.5", "--for", "train-reward"],
+                                env={"COLUMNS": "400"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    named = re.findall(r"tokenize to the same ids in \d+ of \d+ pairs \(rows? ([\d, ]+)\)", result.stderr)
+    assert sorted(int(n) for rows in named for n in rows.split(", ")) == [2, 6, 7], result.stderr
+
+
 def test_demo_recipe_reaches_accuracy_bar(tmp_path, monkeypatch):
     """The shipped demo, through the CLI: held-out pairwise accuracy >= 0.9."""
     monkeypatch.chdir(ROOT)
@@ -307,8 +331,7 @@ def test_templated_pairs_are_the_ids_ppo_shows_a_reward(llama_dir):
 def test_chat_template_key_reaches_the_pairs_and_needs_a_template_and_prompts(write_recipe, llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     recipe = load_recipe(write_recipe({"data": {"chat_template": True}}))
-    built = type("Built", (), {"tokenizer": tokenizer})
-    templated = train_reward.tokenize([PAIR], built, recipe, "train", main=True)
+    templated = train_reward.tokenize(train_reward.Split("pairs.jsonl", [PAIR], [1]), tokenizer, recipe).pairs
     assert templated == tokenize_pairs([PAIR], tokenizer, 512, False, chat_template=True).pairs
     assert templated != tokenize_pairs([PAIR], tokenizer, 512, False).pairs  # plain: prompt + text, as TRL
     with pytest.raises(DataError, match=r"^rows 2: no 'prompt'; data.chat_template: true formats each pair"):

@@ -61,6 +61,7 @@ def run(adapter_dir: Path, out_dir: Path, *, base: str | Path | None = None, dty
     out = Path(out_dir)
     refuse_working_dir(out)
     check_out_dir(out, force, [spec.directory, spec.base])
+    refuse_replaced_later(out, spec.directory)
     config = AutoConfig.from_pretrained(spec.base)
     refuse_other_base(spec, config)
     plan = streaming_merge.plan_merge(spec.base, config, spec.task, spec.header, spec.config)
@@ -91,6 +92,7 @@ def run(adapter_dir: Path, out_dir: Path, *, base: str | Path | None = None, dty
             print_check(*check_merged(tmp, spec.task, reference, probes, out_dtype))
 
     merged_from = {"adapter": str(spec.directory), "base": str(spec.base), "streaming": stream}
+    clean_killed_merges(out)
     checkpoint.write_atomically(out, write, step=spec.manifest.get("step", 0), extra={"merged_from": merged_from})
     say(f"saved {out} in {time.perf_counter() - started:.1f}s")
     return out
@@ -149,6 +151,36 @@ def check_out_dir(out: Path, force: bool, inputs: list[Path]) -> None:
         held = streaming_merge.first_few(sorted(p.name for p in out.iterdir()))
         raise CheckpointError(f"OUT_DIR {out} is not a lora-rl output (no manifest.json of its own): --force replaces "
                               f"only those and empty directories; it would delete {held}")  # fmt: skip
+
+
+def clean_killed_merges(out: Path) -> None:
+    """Remove what merges to OUT_DIR that were killed left beside it (their temporary directory), once their
+    process is certainly gone; name those whose writer lora-rl cannot tell (made by an older lora-rl)."""
+    unproven = checkpoint.recover_interrupted_saves(out.parent, out.name)
+    display.print_warnings([f"{path}: left by a merge to {out} that was killed (lora-rl's mark is in it); delete it "
+                            "unless a merge to it is running" for path in unproven])  # fmt: skip
+
+
+def refuse_replaced_later(out: Path, adapter: Path) -> None:
+    """OUT_DIR must not lie where lora-rl later deletes or replaces a whole directory, taking the merged model with
+    it unasked: inside a checkpoint or merged model (lora-rl's manifest: a run's --overwrite or a merge --force
+    replaces it whole), at or under a run directory's checkpoint name (checkpoint-N, final: the run's --overwrite
+    deletes them), or inside the adapter directory being merged."""
+    resolved = out.resolve()
+    for directory in resolved.parents:
+        if checkpoint.has_own_manifest(directory):
+            raise CheckpointError(f"OUT_DIR {out} is inside {directory}, a lora-rl checkpoint or output (its "
+                                  f"{checkpoint.MANIFEST}), which a run's --overwrite or a merge --force replaces "
+                                  "whole; choose a directory outside it")  # fmt: skip
+    for directory in (resolved, *resolved.parents):
+        if checkpoint.is_run_checkpoint(directory):
+            where, choose = ("is", "another directory") if directory == resolved else (
+                f"is inside {directory},", "a directory outside it")  # fmt: skip
+            raise CheckpointError(f"OUT_DIR {out} {where} a checkpoint name (checkpoint-N, final) of the run in "
+                                  f"{directory.parent} (its {checkpoint.RUN_RECORD}), which the run's --overwrite "
+                                  f"deletes; choose {choose}")  # fmt: skip
+    if adapter.resolve() in resolved.parents:
+        raise CheckpointError(f"OUT_DIR {out} is inside the adapter directory {adapter}; choose a directory outside it")
 
 
 def refuse_working_dir(out: Path) -> None:

@@ -10,13 +10,34 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from lora_rl import display
-from lora_rl.data import DataError, EpochSampler, Pair, PairCollator, load_pairs, split_rows, tokenize_pairs
-from lora_rl.models.build import Built, base_fingerprint, build, check_model_files, materialize_builtins
+from lora_rl.data import (
+    DataError,
+    EpochSampler,
+    Pair,
+    PairCollator,
+    Tokenized,
+    load_pairs,
+    rows_named,
+    rows_of,
+    split_rows,
+    tokenize_pairs,
+)
+from lora_rl.models.build import (
+    Built,
+    base_fingerprint,
+    build,
+    check_model_files,
+    load_tokenizer,
+    materialize_builtins,
+    resolve_path,
+)
+from lora_rl.models.context import refuse_overlong
 from lora_rl.models.reward_model import PACKABLE_ATTENTION, RewardModel, bradley_terry, transformers_model
 from lora_rl.recipe import Recipe, RecipeError, unread_settings
 from lora_rl.training import checkpoint, distributed, guards, trackers
@@ -37,7 +58,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     from accelerate.utils import set_seed
 
     # 1. Everything that can be wrong with the input is found before any model loads.
-    train_rows, eval_rows = check_inputs(recipe)
+    inputs = check_inputs(recipe)
     if finished := resuming.finished_run(recipe, resume):
         return finished
     resume_dir = resuming.find_resume(recipe, resume, allow_changes)
@@ -58,8 +79,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     built = build(resuming.resumed_recipe(recipe, resume_dir), "reward")
     if main:
         display.print_model_report(built.report)
-    train_set = tokenize(train_rows, built, recipe, "train", main)
-    eval_set = tokenize(eval_rows, built, recipe, "eval", main)
+        display.print_warnings(inputs.warnings)
+    train_set, eval_set = inputs.train, inputs.eval
     collate = PairCollator(built.tokenizer.pad_token_id, built.tokenizer.padding_side, packs(built, recipe, main))
     sampler = EpochSampler(len(train_set), recipe.seed)
     # Own generators: a DataLoader iterator otherwise draws its seed from the global RNG, which dropout uses,
@@ -196,39 +217,111 @@ def step_problem(accelerator, model, recipe: Recipe, results: list) -> str | Non
     return distributed.on_any_process(accelerator, found)
 
 
-def check_inputs(recipe: Recipe) -> tuple[list[dict], list[dict]]:
+class Inputs(NamedTuple):
+    """The pairs as the model will read them, found good before it loads, and what to warn about."""
+
+    train: list[Pair]
+    eval: list[Pair]
+    warnings: list[str]
+
+
+def check_inputs(recipe: Recipe) -> Inputs:
     """Every check train-reward makes before it loads a model, also run by `validate --for train-reward`: mixed
-    precision, the model and adapter files, the preference pairs. Returns the (train, eval) rows."""
+    precision, the model and adapter files, the preference pairs, tokenized (the tokenizer is cheap to load) and
+    checked against the model's context window; pairs that read the same for chosen and rejected are counted."""
     if problems := unread_settings(recipe, "train-reward"):
         raise RecipeError(problems)
     guards.check_mixed_precision(recipe.train.mixed_precision)
     trackers.check_trackers(recipe)
     check_model_files(recipe)
-    return load_split(recipe)
-
-
-def load_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows): eval_path when given, else a seeded eval_fraction of train_path."""
-    if recipe.data.train_path is None:
-        raise RecipeError(["data.train_path: got null; expected a file of preference pairs (chosen, rejected)"])
-    rows = load_pairs(recipe.data.train_path)
-    if recipe.data.eval_path:
-        return rows, load_pairs(recipe.data.eval_path)
-    return split_rows(rows, recipe.data.eval_fraction, recipe.seed)
-
-
-def tokenize(rows: list[dict], built: Built, recipe: Recipe, split: str, main: bool) -> list[Pair]:
-    data = recipe.data
-    result = tokenize_pairs(rows, built.tokenizer, data.max_length, data.drop_long, data.chat_template)
-    if result.truncated and main:
-        action = "dropped" if recipe.data.drop_long else "truncated"
-        limit = recipe.data.max_length
-        display.print_warnings(
-            [f"{split}: {result.truncated} of {len(rows)} pairs exceed max_length {limit}: {action}"]
-        )
-    if split == "train" and not result.pairs:
+    cfg = recipe.actor.model
+    tokenizer = load_tokenizer(resolve_path(cfg), cfg)
+    train_split, eval_split = load_split(recipe)
+    train, held_out = tokenize(train_split, tokenizer, recipe), tokenize(eval_split, tokenizer, recipe)
+    if not train.pairs:
         raise DataError(["data.train_path: no pairs left to train on after dropping long pairs"])
-    return result.pairs
+    check_context(recipe, [(train_split, train), (eval_split, held_out)])
+    warnings = [
+        truncation_warning("train", train, recipe),
+        truncation_warning("eval", held_out, recipe),
+        identical_pairs(train_split, train, recipe, refuse_all=True),
+        identical_pairs(eval_split, held_out, recipe),
+    ]
+    return Inputs(train.pairs, held_out.pairs, [line for line in warnings if line])
+
+
+class Split(NamedTuple):
+    """Rows of preference pairs and where they come from: the file, and each row's number in it."""
+
+    path: str
+    rows: list[dict]
+    numbers: list[int]
+
+
+def load_split(recipe: Recipe) -> tuple[Split, Split]:
+    """(train, eval): eval_path when given, else a seeded eval_fraction of train_path."""
+    data = recipe.data
+    if data.train_path is None:
+        raise RecipeError(["data.train_path: got null; expected a file of preference pairs (chosen, rejected)"])
+    numbered = list(enumerate(load_pairs(data.train_path), start=1))
+    if data.eval_path:
+        held_out = list(enumerate(load_pairs(data.eval_path), start=1))
+        return _split(data.train_path, numbered), _split(data.eval_path, held_out)
+    train, held_out = split_rows(numbered, data.eval_fraction, recipe.seed)
+    return _split(data.train_path, train), _split(data.train_path, held_out)
+
+
+def _split(path: str, numbered: list[tuple[int, dict]]) -> Split:
+    return Split(path, [row for _, row in numbered], [number for number, _ in numbered])
+
+
+def tokenize(split: Split, tokenizer, recipe: Recipe) -> Tokenized:
+    data = recipe.data
+    with rows_of(split.path):
+        return tokenize_pairs(split.rows, tokenizer, data.max_length, data.drop_long, data.chat_template,
+                              split.numbers)  # fmt: skip
+
+
+def truncation_warning(name: str, found: Tokenized, recipe: Recipe) -> str | None:
+    if not found.truncated:
+        return None
+    action = "dropped" if recipe.data.drop_long else "truncated"
+    total = len(found.pairs) + found.dropped
+    return f"{name}: {found.truncated} of {total} pairs exceed max_length {recipe.data.max_length}: {action}"
+
+
+def check_context(recipe: Recipe, splits: list[tuple[Split, Tokenized]]) -> None:
+    """The longest pair the model reads (cut to data.max_length) against its context window. A packed row holds
+    chosen and rejected, but each keeps its own positions: the longer text counts."""
+    split, found = max(splits, key=lambda pair: pair[1].longest)
+    cut = found.longest > recipe.data.max_length
+    where = f"the longest pair, {split.path} row {found.longest_row}"
+    detail = f"data.max_length; {where}, has {found.longest} tokens" if cut else where
+    refuse_overlong("data.max_length", "a pair", min(found.longest, recipe.data.max_length), detail,
+                    lambda window: f"set data.max_length to at most {window} (longer pairs are truncated, or "
+                    "dropped with data.drop_long)", recipe.actor.model)  # fmt: skip
+
+
+def identical_pairs(split: Split, found: Tokenized, recipe: Recipe, refuse_all: bool = False) -> str | None:
+    """Pairs whose chosen and rejected read as the same ids (equal texts, or cut by data.max_length before they
+    differ) score alike whatever the model learns: loss log 2, accuracy 0. A warning counting them, or, when
+    every pair is one and `refuse_all` (the training split), an error: the run would end as if it had worked."""
+    same, total = found.identical, len(found.pairs)
+    if not same:
+        return None
+    equal, cut = len(same) - found.cut, found.cut
+    causes = [f"{equal} {'is' if equal == 1 else 'are'} the same in full (equal texts, or text the tokenizer cannot "
+              "tell apart)"] if equal else []  # fmt: skip
+    if cut:
+        limit = f"past data.max_length {recipe.data.max_length}"
+        causes.append(f"they differ only {limit}: raise it" if cut == len(same) else
+                      f"{cut} differ{'s' if cut == 1 else ''} only {limit}")  # fmt: skip
+    start = f"{split.path}: chosen and rejected tokenize to the same ids in"
+    if refuse_all and len(same) == total:
+        raise DataError([f"{start} all {total} pairs ({rows_named(list(same))}): nothing to learn (loss log 2, "
+                         f"accuracy 0); {', '.join(causes)}"])  # fmt: skip
+    return (f"{start} {len(same)} of {total} pairs ({rows_named(list(same))}): they teach nothing (loss log 2, "
+            f"accuracy 0); {', '.join(causes)}")  # fmt: skip
 
 
 def packs(built: Built, recipe: Recipe, main: bool) -> bool:

@@ -16,7 +16,7 @@ def run(recipe: Recipe, purpose: str, recipe_dir: Path) -> None:
     """`purpose`: the command the recipe is for (train-reward, ppo, grpo): it decides the checks and the head."""
     display.print_recipe(recipe)
     if purpose == "train-reward":
-        train_reward.check_inputs(recipe)
+        display.print_warnings(train_reward.check_inputs(recipe).warnings)
     else:
         recipe, _, _ = rl_setup.check_inputs(recipe, recipe_dir, purpose)
         display.print_warnings(rl_setup.chat_template_warnings(recipe))

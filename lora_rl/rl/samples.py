@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lora_rl.files import writing
 from lora_rl.rl.rollout import Rollout, decode
 
 FILE = "samples.jsonl"
@@ -56,7 +57,7 @@ def _readable(values: torch.Tensor) -> list[float]:
 
 def log(accelerator, out: Path, records: list[dict[str, Any]]) -> None:
     """Append the records to samples.jsonl and send them to the trackers. Main process only."""
-    with open(out / FILE, "a") as f:
+    with writing(out / FILE), open(out / FILE, "a") as f:
         f.writelines(json.dumps(record) + "\n" for record in records)
     to_trackers(accelerator.trackers, records)
 

@@ -13,7 +13,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from lora_rl import builtin
-from lora_rl.data import check_chat_template
+from lora_rl.data import Tokenized, check_chat_template, prompt_ids, rows_of, tokenize_prompts
 from lora_rl.models.build import (
     Built,
     check_model_dir,
@@ -25,6 +25,7 @@ from lora_rl.models.build import (
     load_tokenizer,
     resolve_path,
 )
+from lora_rl.models.context import refuse_overlong
 from lora_rl.models.reward_model import RewardModel
 from lora_rl.recipe import Recipe, RecipeError, TrainConfig, trained_chat_template, unread_settings
 from lora_rl.rl.rewards import RewardError, RewardTerm, check_terms, data_columns, load_prompt_rows
@@ -91,7 +92,45 @@ def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
         check_model_dir(recipe.reward.model, recipe.actor.model, "reward.model")
     rows = load_prompt_rows(recipe.data.train_path)
     check_reward_model_reads_the_prompts(recipe, rows)
-    return with_chat_prompts(recipe, rows), rows, import_rewards(recipe, rows, recipe_dir)
+    recipe = with_chat_prompts(recipe, rows)
+    check_prompts(recipe, rows)
+    return recipe, rows, import_rewards(recipe, rows, recipe_dir)
+
+
+def check_prompts(recipe: Recipe, rows: list[dict]) -> None:
+    """Every prompt as the policy and a chat-templated reward.model will read it, before any weights load (the
+    tokenizers are cheap): each chat template rendered (one that raises for a prompt names its rows), and the
+    longest sequence against the policy's context window."""
+    cfg, path = recipe.actor.model, recipe.data.train_path
+    prompts, tokenizer = [row["prompt"] for row in rows], load_tokenizer(resolve_path(cfg), cfg)
+    with rows_of(path):
+        tokenized = tokenize_prompts(prompts, tokenizer, recipe.data.max_length, recipe.generation.chat_template,
+                                     "the chat template of actor.model.path")  # fmt: skip
+    reward = dataclasses.replace(cfg, path=recipe.reward.model) if recipe.reward.model else None
+    if reward and trained_chat_template(resolve_path(reward), "data.chat_template"):  # how load_reward_model reads
+        with rows_of(path):
+            prompt_ids(load_tokenizer(resolve_path(reward), reward, "reward.model"), prompts, True,
+                       template="the chat template of reward.model")  # fmt: skip
+    check_context(recipe, tokenized)
+
+
+def check_context(recipe: Recipe, prompts: Tokenized) -> None:
+    """The longest sequence the loop makes, the longest prompt (cut to data.max_length) + max_new_tokens (+ the
+    EOS a reward adapter reads after a completion cut short), against the policy's context window."""
+    cut, new = prompts.longest > recipe.data.max_length, recipe.generation.max_new_tokens
+    length = min(prompts.longest, recipe.data.max_length)
+    source = "data.max_length" if cut else f"the longest prompt, {recipe.data.train_path} row {prompts.longest_row}"
+    eos = 1 if recipe.reward.adapter else 0
+    detail = f"{length} prompt tokens: {source}; {new} new" + ("; the EOS the reward adapter reads" if eos else "")
+
+    def fix(window: int) -> str:
+        if window - new - eos < 1:
+            return f"generation.max_new_tokens leaves no room for a prompt: set it below {window - eos}"
+        return (f"set data.max_length to at most {window - new - eos} (longer prompts keep their last tokens) or "
+                "lower generation.max_new_tokens")  # fmt: skip
+
+    refuse_overlong("data.max_length + generation.max_new_tokens", "a sequence", length + new + eos, detail, fix,
+                    recipe.actor.model)  # fmt: skip
 
 
 def check_reward_model_reads_the_prompts(recipe: Recipe, rows: list[dict]) -> None:

@@ -6,22 +6,28 @@ silently. Weights are safetensors only: pickle-based `.bin`/`.pt` weights are re
 opts in (`actor.model.allow_pickle_weights`), since unpickling runs arbitrary code.
 
 lora-rl removes or replaces only what it can prove it wrote: a directory holding its manifest (or, while a save
-is unfinished, its mark), and the run files its run record (`.lora-rl-run.json`) lists. While a run writes to
-its output directory, the directory is locked (lora_rl.training.lock); run_dir prepares it.
+is unfinished, its mark), and the run files its run record (`.lora-rl-run.json`) lists. Temporaries carry their
+writer's PID@HOST in their name: what a killed save left is removed by a later one, never a live writer's. While
+a run writes to its output directory, the directory is locked (lora_rl.training.lock); run_dir prepares it.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
+
+from lora_rl.files import writing
 
 MANIFEST = "manifest.json"
 FORMAT = "lora-rl-checkpoint/1"
@@ -46,12 +52,13 @@ def write_atomically(final: Path, write: Callable[[Path], None], step: int, extr
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{writer()}-", dir=final.parent))
     try:
         (tmp / PARTIAL).touch()  # first: a kill at any later moment leaves a directory provably lora-rl's
-        write(tmp)
-        _honour_umask(tmp)
-        _write_manifest(tmp, step, extra or {})
+        with writing(final):  # a library's write that fills the disk names no path
+            write(tmp)
+            _honour_umask(tmp)
+            _write_manifest(tmp, step, extra or {})
         (tmp / PARTIAL).unlink()  # the manifest marks it from now on
         _replace_dir(tmp, final)
     finally:
@@ -90,7 +97,7 @@ def _replace_dir(new: Path, final: Path) -> None:
     old = None
     if final.exists() or final.is_symlink():
         refuse_foreign([final], allow_empty=True)
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(f".{final.name}.old-{writer()}")
         os.replace(final, old)
     os.replace(new, final)
     _fsync(final.parent)
@@ -102,7 +109,7 @@ def write_file_atomically(path: Path, text: str) -> None:
     """Replace the file `path` by one holding `text`: a kill at any moment leaves the old file or the new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with writing(path), os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -163,6 +170,12 @@ def has_own_manifest(path: Path) -> bool:
     except (CheckpointError, ValueError):  # not JSON, not UTF-8: not a manifest lora-rl wrote
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def is_run_checkpoint(path: Path) -> bool:
+    """Whether `path` has the name of a checkpoint (checkpoint-N, final) in a run directory (one with lora-rl's run
+    record): what a run there writes, and its --overwrite deletes."""
+    return bool(re.fullmatch(r"checkpoint-\d+|final", path.name)) and (path.parent / RUN_RECORD).is_file()
 
 
 def refuse_foreign(paths: list[Path], recorded: set[str] = frozenset(), allow_empty: bool = False) -> None:
@@ -296,18 +309,78 @@ def submodule_state(state: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def recover_interrupted_saves(directory: Path) -> None:
-    """Clean up after a save that was killed: its temporary directory goes; a checkpoint moved aside to be
-    replaced (`.NAME.old-PID`) is put back when its replacement never arrived, else deleted. Entries with
-    such names that lora-rl did not mark as its own are left alone."""
-    for tmp in directory.glob(".*.tmp-*"):
-        if has_own_manifest(tmp) or (not tmp.is_symlink() and (tmp / PARTIAL).is_file()):
+def recover_interrupted_saves(directory: Path, name: str | None = None) -> list[Path]:
+    """Clean up after saves that were killed: in a run directory (under its lock), or only those of entry `name`
+    (a merge's OUT_DIR, in its parent). A temporary directory goes; a directory moved aside to be replaced
+    (`.NAME.old-...`) is put back when its replacement never arrived, else deleted. Only lora-rl's (its mark or
+    manifest inside) and only once their writer is certainly gone (`writer_gone`). Names without a writer (made
+    before lora-rl named one) are cleaned only under a run directory's lock, and otherwise returned, for the
+    caller to name. In a run directory, the temporary run files of a killed run go too."""
+    locked, pattern = name is None, glob.escape(name) if name else "*"
+    unproven = []
+    for tmp in directory.glob(f".{pattern}.tmp-*"):
+        marked = has_own_manifest(tmp) or (not tmp.is_symlink() and (tmp / PARTIAL).is_file())
+        if marked and _abandoned(tmp, _WRITTEN_BY_TMP, locked, unproven):
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in directory.glob(".*.old-*"):
-        if not has_own_manifest(old):
+    for old in directory.glob(f".{pattern}.old-*"):
+        if not has_own_manifest(old) or not _abandoned(old, _WRITTEN_BY_OLD, locked, unproven):
             continue
-        name = old.name[1:].rsplit(".old-", 1)[0]
-        if (directory / name).exists() or (directory / name).is_symlink():
+        entry = directory / old.name[1:].rsplit(".old-", 1)[0]
+        if entry.exists() or entry.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(old, directory / name)
+            os.replace(old, entry)
+    if locked:
+        _remove_run_file_temporaries(directory)
+    return unproven
+
+
+# Temporaries name their writer, PID@HOST: `.NAME.tmp-PID@HOST-XXXXXXXX` (mkdtemp's suffix), `.NAME.old-PID@HOST`.
+_WRITTEN_BY_TMP = re.compile(r"\.tmp-(\d+)@([^@/]+)-[a-z0-9_]{8}$")
+_WRITTEN_BY_OLD = re.compile(r"\.old-(\d+)@([^@/]+)$")
+
+
+def writer() -> str:
+    """This process as temporaries name their writer."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def writer_gone(pid: int, host: str) -> bool:
+    """Whether a temporary's writer is certainly gone: it ran on this host and runs no more, or it is this very
+    process (which is not writing one while it looks for leftovers). A pid on another host (a shared filesystem)
+    tells nothing here."""
+    if host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
+def _abandoned(path: Path, written_by: re.Pattern, locked: bool, unproven: list[Path]) -> bool:
+    """Whether `path`'s writer is gone; a name without one counts as gone only under the run directory's lock
+    (else it joins `unproven`)."""
+    match = written_by.search(path.name)
+    if match:
+        return writer_gone(int(match[1]), match[2])
+    if not locked:
+        unproven.append(path)
+    return locked
+
+
+def _remove_run_file_temporaries(directory: Path) -> None:
+    """The temporary files a run killed while (re)writing a run file leaves (`.recipe.yaml.tmp`,
+    `.metrics.jsonl.tmp-XXXXXXXX`): removed in a directory holding lora-rl's run record, by the run that holds its
+    lock now (so no run is writing them)."""
+    if not (directory / RUN_RECORD).is_file():
+        return
+    for name in (*RUN_FILES, RUN_RECORD):
+        for tmp in directory.glob(f".{glob.escape(name)}.tmp*"):
+            if re.fullmatch(rf"\.{re.escape(name)}\.tmp(-[a-z0-9_]{{8}})?", tmp.name) and not tmp.is_symlink():
+                with suppress(FileNotFoundError, IsADirectoryError):
+                    tmp.unlink()
