@@ -223,7 +223,7 @@ CASES: dict[str, Case] = {
         ["merge", a["policy"], ".", "--force"] if working_dir(t, m) else [],
         "OUT_DIR .: the working directory cannot be replaced"),
     "a prompt longer than the model's context (grpo)": lambda t, a, m: (
-        ["grpo", ppo_recipe(t, actor={"model": GPT2}, grpo=GRPO), long_prompts(t), "data.max_length=700"],
+        ["grpo", ppo_recipe(t, actor={"model": GPT2}, grpo=GRPO, ppo={}), long_prompts(t), "data.max_length=700"],
         "data.max_length + generation.max_new_tokens: a sequence takes up to 605 positions (601 prompt tokens: the "
         "longest prompt, {t}/long.jsonl row 1; 4 new), over the 512 that actor.model.path tiny-gpt2 takes "
         "(n_positions in its config.json); set data.max_length to at most 508"),
@@ -239,11 +239,11 @@ CASES: dict[str, Case] = {
         "data.max_length: a pair takes up to 605 positions (the longest pair, {t}/long.jsonl row 2), over the 512 "
         "that actor.model.path tiny-gpt2 takes (n_positions in its config.json); set data.max_length to at most 512"),
     "a chat template refusing a prompt (grpo)": lambda t, a, m: (
-        ["grpo", ppo_recipe(t, grpo=GRPO), strict_template(t), system_prompts(t), "data.max_length=64"],
+        ["grpo", ppo_recipe(t, grpo=GRPO, ppo={}), strict_template(t), system_prompts(t), "data.max_length=64"],
         "{t}/chat.jsonl: rows 3, 5: the chat template of actor.model.path fails on the prompt (TemplateError: "
         "System role not supported)"),
     "a chat template refusing a prompt (validate)": lambda t, a, m: (
-        ["validate", ppo_recipe(t), strict_template(t), system_prompts(t), "--for", "grpo"],
+        ["validate", ppo_recipe(t, grpo=GRPO, ppo={}), strict_template(t), system_prompts(t), "--for", "grpo"],
         "{t}/chat.jsonl: rows 3, 5: the chat template of actor.model.path fails on the prompt"),
     "a reward.model's chat template refusing a prompt (ppo)": lambda t, a, m: (
         ["ppo", ppo_recipe(t), strict_reward_model(t), "reward.function=null", system_prompts(t)],

@@ -171,25 +171,6 @@ def test_a_full_disk_at_the_start_names_the_path_and_leaves_nothing_behind(write
     assert result.exit_code == 0, result.output
 
 
-def test_a_full_disk_when_taking_the_lock_leaves_no_lock(recipe, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    dump = json.dump
-
-    def full(obj, f, *args, **kwargs):
-        if "pid" not in obj:
-            return dump(obj, f, *args, **kwargs)
-        f.write('{"pid"')
-        f.flush()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    with monkeypatch.context() as patched:
-        patched.setattr(json, "dump", full)
-        with pytest.raises(OSError, match=f"No space left on device: '{out / LOCK}'"):
-            start_run_dir(out, recipe, overwrite=False)
-    assert list(out.iterdir()) == []  # a half-written lock would hold the directory until deleted by hand
-    start_run_dir(out, recipe, overwrite=False)
-
-
 def test_the_next_start_removes_the_temporary_run_files_of_a_killed_one(recipe, tmp_path):
     out = start_run_dir(tmp_path / "out", recipe, overwrite=False)
     (out / ".recipe.yaml.tmp").write_text("seed: 4")  # killed while saving the recipe
