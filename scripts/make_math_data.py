@@ -15,8 +15,8 @@ problem (for accuracy per kind; reward functions may ignore it).
 
 The held-out file measures what training taught, not what it memorised: its problems use number combinations the
 training file never shows, and two of its templates (HELD_OUT) appear only there. Numbers are small on purpose:
-SmolLM2-135M-Instruct solves some of these greedily (about a fifth, scripts/measure_math_base.py) and GRPO needs
-a base that is sometimes right.
+GRPO needs a base that is sometimes right: SmolLM2-135M-Instruct solves 6 of the 64 eval problems greedily (9%;
+0-33% per template) and ends 39% of its replies with the answer line asked for (scripts/measure_math_base.py).
 """
 
 from __future__ import annotations

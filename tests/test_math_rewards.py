@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,14 @@ def test_gsm8k_rows_take_the_number_after_the_hashes(tmp_path):
     assert [r["answer"] for r in rows] == ["5", "1000"]
     assert rows[0]["prompt"][1] == {"role": "user", "content": lines[0]["question"]}
     assert rows[0]["prompt"][0]["role"] == "system"
+
+
+def test_measure_script_scores_a_model_on_the_eval_file(tmp_path):
+    out = tmp_path / "replies.jsonl"
+    args = ["--model", "tiny-llama", "--limit", "3", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out)]
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "measure_math_base.py"), *args],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "all                  3" in result.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["correct"] in (0.0, 1.0) and isinstance(r["reply"], str) for r in rows)
