@@ -19,7 +19,8 @@ LAYERS = (
     ("lora_rl.adapters",),
     ("lora_rl.models",),
     ("lora_rl.training",),
-    ("lora_rl.recipe", "lora_rl.data", "lora_rl.display", "lora_rl.builtin", "lora_rl.demo_rewards", "lora_rl"),
+    ("lora_rl.recipe", "lora_rl.data", "lora_rl.display", "lora_rl.builtin", "lora_rl.demo_rewards",
+     "lora_rl.math_rewards", "lora_rl"),
 )
 
 

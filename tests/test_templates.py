@@ -31,8 +31,8 @@ FAMILIES = {
     "phi3": ("Phi3Config", {}),
     "smollm2": ("LlamaConfig", {"tie_word_embeddings": True}),
 }
-HEADS = {"reward": "reward", "ppo": "causal-lm", "grpo": "causal-lm"}  # template name -> what it trains
-COMMANDS = {"reward": "train-reward", "ppo": "ppo", "grpo": "grpo"}
+HEADS = {"reward": "reward", "ppo": "causal-lm", "grpo": "causal-lm", "grpo-math": "causal-lm"}  # what it trains
+COMMANDS = {"reward": "train-reward", "ppo": "ppo", "grpo": "grpo", "grpo-math": "grpo"}
 LAYERS = 2
 
 
