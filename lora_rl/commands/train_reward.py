@@ -54,14 +54,30 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
 
     `resume` (or train.resume): "auto", a checkpoint or a run directory to continue from.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     # 1. Everything that can be wrong with the input is found before any model loads.
     inputs = check_inputs(recipe)
     if finished := resuming.finished_run(recipe, resume):
         return finished
     resume_dir = resuming.find_resume(recipe, resume, allow_changes)
+    # 2. Model (from the checkpoint when resuming), data, optimizer.
+    trainer = setup(recipe, inputs, overwrite, resume, resume_dir)
+    # 3. Train: one optimizer step per `gradient_accumulation_steps` micro-batches.
+    trainer.train()
+    # 4. Final evaluation and adapter.
+    trainer.evaluate()
+    final = trainer.save("final", trainer.position.step)
+    trainer.accelerator.end_training()  # the trackers flush and close
+    if trainer.main:
+        display.console.print(f"saved {final} ({time.perf_counter() - trainer.started:.0f}s)", highlight=False)
+    return final
+
+
+def setup(recipe: Recipe, inputs: Inputs, overwrite: bool, resume: str | None, resume_dir: Path | None) -> Trainer:
+    """The accelerator and output directory, the reward model, the data loaders, optimizer and schedule;
+    restored from `resume_dir` when resuming."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
     materialize_builtins(recipe)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
@@ -74,22 +90,20 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     out = resuming.start_output(accelerator, recipe, overwrite, resume_dir, resume)
     trackers.start_trackers(accelerator, recipe)
 
-    # 2. Model (from the checkpoint when resuming), data, optimizer.
     set_seed(recipe.seed)
     built = build(resuming.resumed_recipe(recipe, resume_dir), "reward")
     if main:
         display.print_model_report(built.report)
         display.print_warnings(inputs.warnings)
-    train_set, eval_set = inputs.train, inputs.eval
     collate = PairCollator(built.tokenizer.pad_token_id, built.tokenizer.padding_side, packs(built, recipe, main))
-    sampler = EpochSampler(len(train_set), recipe.seed)
+    sampler = EpochSampler(len(inputs.train), recipe.seed)
     # Own generators: a DataLoader iterator otherwise draws its seed from the global RNG, which dropout uses,
     # and a resumed run (one more iterator) would no longer match the uninterrupted one.
-    train_loader = DataLoader(train_set, recipe.train.batch_size, sampler=sampler, collate_fn=collate,
+    train_loader = DataLoader(inputs.train, recipe.train.batch_size, sampler=sampler, collate_fn=collate,
                               generator=torch.Generator())  # fmt: skip
     eval_loader = (
-        DataLoader(eval_set, recipe.train.batch_size, collate_fn=collate, generator=torch.Generator())
-        if eval_set
+        DataLoader(inputs.eval, recipe.train.batch_size, collate_fn=collate, generator=torch.Generator())
+        if inputs.eval
         else None
     )
     model = RewardModel(built.model, built.report.head_module)
@@ -99,97 +113,136 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     steps_per_epoch = math.ceil(len(train_loader) / recipe.train.gradient_accumulation_steps)
     total_steps = recipe.train.max_steps or recipe.train.num_epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, recipe.train, total_steps)
-    position = Position()
+    trainer = Trainer(accelerator, recipe, out, built, model, optimizer, scheduler, sampler, train_loader,
+                      eval_loader, len(inputs.train), total_steps)  # fmt: skip
     if resume_dir:
-        saved, optimizer_saved = run_state.read_state(resume_dir, {}, accelerator.process_index)
-        run_state.load_optimizer_state(accelerator, model, optimizer, optimizer_saved)
-        scheduler.load_state_dict(saved["scheduler"])
-        position = Position(**saved["position"])
-        if main:
-            resuming.trim_metrics(out / "metrics.jsonl", "step", position.step)
+        trainer.restore(resume_dir)
+    return trainer
 
-    # 3. Train: one optimizer step per `gradient_accumulation_steps` micro-batches.
-    def save(name: str, step: int) -> Path:
+
+@dataclass
+class Trainer:
+    """The parts of one train-reward run, and its loop: `train` runs the steps, `save` writes a checkpoint."""
+
+    accelerator: object
+    recipe: Recipe
+    out: Path
+    built: Built
+    model: torch.nn.Module  # the RewardModel as accelerate prepared it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: EpochSampler
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    train_pairs: int
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        self.main = self.accelerator.is_main_process
+        self.position = Position()
+        self.window = Window()
+        self.pending: list = []  # this step's micro-batch results: into the window once the step proves finite
+        self.started = time.perf_counter()
+
+    def restore(self, resume_dir: Path) -> None:
+        """Optimizer, schedule, RNG and data position from a checkpoint."""
+        saved, optimizer_saved = run_state.read_state(resume_dir, {}, self.accelerator.process_index)
+        run_state.load_optimizer_state(self.accelerator, self.model, self.optimizer, optimizer_saved)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.position = Position(**saved["position"])
+        if self.main:
+            resuming.trim_metrics(self.out / "metrics.jsonl", "step", self.position.step)
+
+    def save(self, name: str, step: int) -> Path:
+        """checkpoint-N/ or final/: the adapter (or model) and what resuming needs; old checkpoints rotated out."""
         rng = run_state.rng_states_of_all_ranks()
-        optimizer_state = run_state.optimizer_state(accelerator, model, optimizer)
+        optimizer_state = run_state.optimizer_state(self.accelerator, self.model, self.optimizer)
 
         def state(tmp: Path) -> None:
-            saved = {"position": position.__dict__, "scheduler": scheduler.state_dict()}
+            saved = {"position": self.position.__dict__, "scheduler": self.scheduler.state_dict()}
             run_state.write_state(tmp, optimizer_state, saved, {}, rng)
 
-        directory = save_checkpoint(accelerator, model, built, recipe, out / name, step, also=state)
-        if main:
-            resuming.rotate(out, recipe.train.save_total_limit)
+        directory = save_checkpoint(self.accelerator, self.model, self.built, self.recipe, self.out / name, step,
+                                    also=state)  # fmt: skip
+        if self.main:
+            resuming.rotate(self.out, self.recipe.train.save_total_limit)
         return directory
 
-    per_micro_batch = recipe.train.batch_size * accelerator.num_processes
-    window, started = Window(), time.perf_counter()
-    pending = []  # this step's micro-batch results: into the window once the step proves finite
-    window.load(position.window)
-    with (
-        display.Progress(total_steps, "train", enabled=main) as progress,
-        Interrupt(accelerator).installed() as interrupt,
-    ):
-        progress.update(position.step, {})
-        while position.step < total_steps:
-            sampler.set_position(position.epoch, position.offset)
-            for batch in train_loader:
-                model.train()
-                with accelerator.accumulate(model):
-                    rewards = model(*batch.model_inputs())
-                    chosen, rejected = rewards.chunk(2)
-                    out_ = bradley_terry(chosen, rejected, batch.margin, recipe.train.center_rewards_coefficient)
-                    accelerator.backward(out_.loss)
-                    pending.append((out_, len(chosen)))
-                    bad = step_problem(accelerator, model, recipe, pending) if accelerator.sync_gradients else None
-                    if bad is None or accelerator.scaler is not None:  # a GradScaler skips non-finite steps itself
-                        optimizer.step()  # accelerate steps only at the end of an accumulation group
-                    optimizer.zero_grad(set_to_none=True)
-                position.offset += per_micro_batch
-                if not accelerator.sync_gradients:
-                    continue
-                position.step += 1
-                scheduler.step()
-                if bad:  # the weights did not change: the step counts, its metrics do not
-                    position.bad_in_a_row += 1
-                    limit = recipe.train.max_bad_steps
-                    guards.skip_or_stop(f"step {position.step}: {bad}", position.bad_in_a_row, limit, "step",
-                                             "train.max_bad_steps", main)  # fmt: skip
-                else:
-                    position.bad_in_a_row = 0
-                    for result, pairs in pending:
-                        window.add(result, pairs)
-                pending.clear()
-                due = position.step % recipe.train.log_every == 0 or position.step == total_steps
-                if due and window.pairs:
-                    record = window.flush(accelerator, position.step, scheduler.get_last_lr()[0], time.perf_counter())
-                    log(accelerator, out, record, main)
-                    metrics = {"loss": record["loss"], "acc": record["accuracy"], "pairs/s": record["pairs_per_s"]}
-                    progress.update(position.step, metrics)
-                step = position.step
-                mid_run = not bad and step < total_steps  # a skipped step is neither evaluated nor saved
-                if mid_run and recipe.train.eval_every and step % recipe.train.eval_every == 0:
-                    log(accelerator, out, evaluate(model, eval_loader, accelerator, step), main, progress)
-                if position.offset >= len(train_set):  # the epoch is over: the next step starts a new one
-                    position.epoch, position.offset = position.epoch + 1, 0
-                position.window = window.state()
-                if mid_run and interrupt.requested_anywhere():
-                    raise Interrupted(save(f"checkpoint-{step}", step), step)
-                if mid_run and recipe.train.save_every and step % recipe.train.save_every == 0:
-                    save(f"checkpoint-{step}", step)
-                if step >= total_steps:
-                    break
-            else:  # accelerate steps at the end of the loader, so an epoch normally ends on a step boundary
-                if position.offset:
-                    position.epoch, position.offset = position.epoch + 1, 0
+    def evaluate(self, progress: display.Progress | None = None) -> None:
+        log(self.accelerator, self.out, evaluate(self.model, self.eval_loader, self.accelerator, self.position.step),
+            self.main, progress)  # fmt: skip
 
-    # 4. Final evaluation and adapter.
-    log(accelerator, out, evaluate(model, eval_loader, accelerator, position.step), main)
-    final = save("final", position.step)
-    accelerator.end_training()  # the trackers flush and close
-    if main:
-        display.console.print(f"saved {final} ({time.perf_counter() - started:.0f}s)", highlight=False)
-    return final
+    def train(self) -> None:
+        """Every step left; Ctrl-C, SIGTERM or SIGUSR1 saves at the next step boundary (Interrupted)."""
+        position, per_micro_batch = self.position, self.recipe.train.batch_size * self.accelerator.num_processes
+        self.window.load(position.window)
+        with (
+            display.Progress(self.total_steps, "train", enabled=self.main) as progress,
+            Interrupt(self.accelerator).installed() as interrupt,
+        ):
+            progress.update(position.step, {})
+            while position.step < self.total_steps:
+                self.sampler.set_position(position.epoch, position.offset)
+                for batch in self.train_loader:
+                    bad = self.micro_batch(batch)
+                    position.offset += per_micro_batch
+                    if not self.accelerator.sync_gradients:
+                        continue
+                    if self.step_done(bad, progress, interrupt):
+                        break
+                else:  # accelerate steps at the end of the loader, so an epoch normally ends on a step boundary
+                    if position.offset:
+                        position.epoch, position.offset = position.epoch + 1, 0
+
+    def micro_batch(self, batch) -> str | None:
+        """Forward and backward of one micro-batch; at an accumulation group's end, the optimizer step unless a
+        non-finite loss or gradient norm makes it bad (the problem, in words)."""
+        accelerator, model, optimizer = self.accelerator, self.model, self.optimizer
+        model.train()
+        with accelerator.accumulate(model):
+            rewards = model(*batch.model_inputs())
+            chosen, rejected = rewards.chunk(2)
+            out = bradley_terry(chosen, rejected, batch.margin, self.recipe.train.center_rewards_coefficient)
+            accelerator.backward(out.loss)
+            self.pending.append((out, len(chosen)))
+            bad = step_problem(accelerator, model, self.recipe, self.pending) if accelerator.sync_gradients else None
+            if bad is None or accelerator.scaler is not None:  # a GradScaler skips non-finite steps itself
+                optimizer.step()  # accelerate steps only at the end of an accumulation group
+            optimizer.zero_grad(set_to_none=True)
+        return bad
+
+    def step_done(self, bad: str | None, progress: display.Progress, interrupt) -> bool:
+        """After an optimizer step: guards, metrics, evaluation, the epoch's end, checkpoints. Whether the run's
+        last step is done."""
+        position, train = self.position, self.recipe.train
+        position.step += 1
+        self.scheduler.step()
+        if bad:  # the weights did not change: the step counts, its metrics do not
+            position.bad_in_a_row += 1
+            guards.skip_or_stop(f"step {position.step}: {bad}", position.bad_in_a_row, train.max_bad_steps, "step",
+                                "train.max_bad_steps", self.main)  # fmt: skip
+        else:
+            position.bad_in_a_row = 0
+            for result, pairs in self.pending:
+                self.window.add(result, pairs)
+        self.pending.clear()
+        step = position.step
+        if (step % train.log_every == 0 or step == self.total_steps) and self.window.pairs:
+            record = self.window.flush(self.accelerator, step, self.scheduler.get_last_lr()[0], time.perf_counter())
+            log(self.accelerator, self.out, record, self.main)
+            metrics = {"loss": record["loss"], "acc": record["accuracy"], "pairs/s": record["pairs_per_s"]}
+            progress.update(step, metrics)
+        mid_run = not bad and step < self.total_steps  # a skipped step is neither evaluated nor saved
+        if mid_run and train.eval_every and step % train.eval_every == 0:
+            self.evaluate(progress)
+        if position.offset >= self.train_pairs:  # the epoch is over: the next step starts a new one
+            position.epoch, position.offset = position.epoch + 1, 0
+        position.window = self.window.state()
+        if mid_run and interrupt.requested_anywhere():
+            raise Interrupted(self.save(f"checkpoint-{step}", step), step)
+        if mid_run and train.save_every and step % train.save_every == 0:
+            self.save(f"checkpoint-{step}", step)
+        return step >= self.total_steps
 
 
 @dataclass
