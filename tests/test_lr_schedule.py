@@ -83,7 +83,7 @@ def test_a_resumed_run_continues_the_schedule_and_an_old_checkpoint_is_caught_up
 
 def test_a_skipped_update_leaves_the_schedule_where_it_was():
     layer = torch.nn.Linear(2, 2)
-    recipe = load_recipe(ROOT / "recipes/grpo-demo.yaml", ["train.learning_rate=1e-2"])
+    recipe = load_recipe(ROOT / "recipes/grpo-demo.yaml", ["train.learning_rate=1e-2", "train.lr_scheduler=linear"])
     optimizer = make_optimizer(list(layer.parameters()), recipe.train)
     scheduler = make_scheduler(optimizer, recipe.train, total_steps=10)
     snapshot = UpdateSnapshot(layer, optimizer, None, scheduler)
