@@ -122,8 +122,8 @@ def test_eval_lines_at_every_nth_update_and_the_last_with_every_completion_in_ev
                          f"data.eval_path={held_out}", "eval.num_samples=3", "eval.pass_threshold=1.2",
                          "eval.pass_function=record",
                          "eval.batch_size=6")  # fmt: skip
-    assert [("eval/pass@3" in line, "time_eval" in line) for line in lines] == [(False, False), (True, True),
-                                                                                 (True, True)]  # updates 2 and 3
+    evaluated = [("eval/pass@3" in line, "time_eval" in line) for line in lines]
+    assert evaluated == [(False, False), (True, True), (True, True)]  # updates 2 and 3
     prompts = [json.loads(x)["prompt"] for x in held_out.read_text().splitlines()]
     assert [(w["update"], w["prompt"]) for w in written] == [(u, p) for u in (2, 3) for p in prompts for _ in range(3)]
     for update in (2, 3):
@@ -145,8 +145,8 @@ def test_eval_lines_at_every_nth_update_and_the_last_with_every_completion_in_ev
     # the reward function got the held-out prompts in batches of 2 prompts x 3 samples, at trainer_state.global_step
     # = the updates done (recording_rewards counts global_step + 1)
     calls = [c for c in recording_rewards.CALLS if len(c["prompts"]) != 16]
-    assert [(c["update"], c["prompts"]) for c in calls] == [
-        (u + 1, [p for p in prompts[i : i + 2] for _ in range(3)]) for u in (2, 3) for i in (0, 2, 4)]
+    batches = [(u + 1, [p for p in prompts[i : i + 2] for _ in range(3)]) for u in (2, 3) for i in (0, 2, 4)]
+    assert [(c["update"], c["prompts"]) for c in calls] == batches
 
 
 def test_evaluation_leaves_the_training_as_it_was_and_greedy_is_the_default(tmp_path, held_out):
