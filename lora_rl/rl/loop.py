@@ -32,7 +32,7 @@ from lora_rl.rl.roles import (
 from lora_rl.rl.rollout import Rollout
 from lora_rl.rl.setup import Schedule
 from lora_rl.training import checkpoint, guards
-from lora_rl.training.distributed import on_any_process
+from lora_rl.training.distributed import on_any_process, reshard
 from lora_rl.training.guards import BadUpdate
 
 
@@ -226,6 +226,7 @@ def update_kl(accelerator, model, rollout: Rollout, micro: int) -> float:
         mask = rollout.mask[index]
         total += ((torch.expm1(log_ratio) - log_ratio) * mask).sum()
         count += mask.sum()
+    reshard(model)  # no backward follows (FSDP2)
     return (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum").clamp(min=1)).item()
 
 
