@@ -33,7 +33,7 @@ from lora_rl.rl.loop import truncation_warning
 from lora_rl.rl.rewards import RewardError, StepState
 from lora_rl.rl.roles import Roles
 from lora_rl.rl.rollout import decode, generate, score
-from lora_rl.training.distributed import on_any_process
+from lora_rl.training.distributed import on_any_process, reshard
 
 FILE = "eval_samples.jsonl"
 Completion = dict[str, Any]  # row, sample, completion, reward (None: not judged), parts {name: reward or None}, length
@@ -124,6 +124,7 @@ def everywhere(accelerator, trained, run: Callable[[], list[Completion]]) -> lis
             found = trained(within=run)
     except RewardError as err:
         failure = f"evaluation: {err}"
+    reshard(trained)  # no backward follows
     failure = on_any_process(accelerator, failure)
     if failure:
         raise RewardError(failure)
