@@ -227,3 +227,24 @@ def test_the_held_out_prompts_leave_training(tmp_path):
     assert check_inputs(recipe, command="grpo").eval_rows == inputs.eval_rows  # seeded
     every = [json.loads(x) for x in (ROOT / "recipes/data/grpo-demo.jsonl").read_text().splitlines()]
     assert sorted(map(json.dumps, inputs.rows + inputs.eval_rows)) == sorted(map(json.dumps, every))
+
+
+def test_trackers_get_the_eval_metrics_and_the_completions_as_a_table(tmp_path, held_out, monkeypatch):
+    from lora_rl.training import trackers
+    from tests.test_samples import TableTracker
+
+    class Recorder(TableTracker):
+        logged: list = []
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, values))
+
+    tracker = Recorder()
+    monkeypatch.setattr(trackers, "tracker_options", lambda recipe: {"log_with": [tracker]})
+    _, written = run(tmp_path / "out", "grpo.num_steps=2", f"data.eval_path={held_out}", "train.eval_every=1",
+                     "train.samples_every=0")  # fmt: skip
+    columns = list(written[0])
+    rows = [[w[c] for c in columns] for w in written]
+    assert tracker.tables == [("eval_samples", 1, columns, rows[:5]), ("eval_samples", 2, columns, rows[5:])]
+    assert [(step, "eval/pass@1" in values and "time_eval" in values) for step, values in tracker.logged] == [
+        (1, True), (2, True)]  # fmt: skip

@@ -227,7 +227,8 @@ class Trainer:
         completions = evaluation.everywhere(self.accelerator, self.trained, run)
         found = {**evaluation.summarise(completions, self.recipe.eval), "time_eval": time.perf_counter() - started}
         if self.main:
-            evaluation.write(self.out, evaluation.records(completions, evalset.rows, self.recipe.eval, update))
+            written = evaluation.records(completions, evalset.rows, self.recipe.eval, update)
+            evaluation.write(self.accelerator, self.out, written)
             line = evaluation.summary_line(update, found, len(evalset.rows), evalset.samples)
             (self.progress.note if self.progress else display.console.print)(line)
         return found

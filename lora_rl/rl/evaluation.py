@@ -28,7 +28,7 @@ import torch
 from lora_rl import display
 from lora_rl.data import pad, tokenize_prompts
 from lora_rl.recipe import EvalConfig, GenerationConfig, Recipe
-from lora_rl.rl import ppo
+from lora_rl.rl import ppo, samples
 from lora_rl.rl.loop import truncation_warning
 from lora_rl.rl.rewards import RewardError, StepState
 from lora_rl.rl.roles import Roles
@@ -36,6 +36,7 @@ from lora_rl.rl.rollout import decode, generate, score
 from lora_rl.training.distributed import on_any_process, reshard
 
 FILE = "eval_samples.jsonl"
+TABLE = "eval_samples"  # the trackers' name for it
 Completion = dict[str, Any]  # row, sample, completion, reward (None: not judged), parts {name: reward or None}, length
 
 
@@ -171,10 +172,13 @@ def records(completions: list[Completion], rows: list[dict], cfg: EvalConfig, up
              "passed": passes(c, cfg)} for c in completions]  # fmt: skip
 
 
-def write(out: Path, lines: list[dict[str, Any]]) -> None:
-    """Append to eval_samples.jsonl. Main process only."""
+def write(accelerator, out: Path, lines: list[dict[str, Any]]) -> None:
+    """Append to eval_samples.jsonl, and send them to the trackers as a table named eval_samples (as samples.jsonl's
+    lines go). Main process only."""
     with open(out / FILE, "a") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
+    if lines:
+        samples.to_trackers(accelerator.trackers, lines, TABLE)
 
 
 def summary_line(update: int, metrics: dict[str, float], prompts: int, samples: int) -> str:
