@@ -160,6 +160,9 @@ class TrainConfig:
                            "batch", POSITIVE_INT, RL)  # fmt: skip
     eval_every: int = key(0, "optimizer steps (ppo, grpo: updates) between evaluations on the eval data; 0 "
                           "evaluates only at the end", NON_NEGATIVE_INT)  # fmt: skip
+    save_best: str | None = key(None, "ppo, grpo: keep best/, the policy of the evaluation with the highest value of "
+                                "this metric (eval/reward, eval/pass@K, eval/reward/NAME); null: none",
+                                commands=RL)  # fmt: skip
     save_every: int = key(0, "optimizer steps (ppo: updates) between checkpoints; 0 saves only at the end",
                           NON_NEGATIVE_INT)  # fmt: skip
     save_total_limit: int | None = key(None, "keep only the newest N checkpoints (older ones go once a new one is "

@@ -167,7 +167,7 @@ def test_evaluation_leaves_the_training_as_it_was_and_greedy_is_the_default(tmp_
 
 def test_resume_trims_eval_samples_and_equals_the_uninterrupted_run(tmp_path, held_out):
     settings = ["grpo.num_steps=4", "train.save_every=2", "train.eval_every=1", f"data.eval_path={held_out}",
-                "eval.num_samples=2"]  # fmt: skip
+                "eval.num_samples=2", "train.save_best=eval/reward"]  # fmt: skip
     full_lines, full_written = run(tmp_path / "full", *settings)
     crashed = tmp_path / "crashed"  # as a crash after update 3 leaves the run
     shutil.copytree(tmp_path / "full", crashed)
@@ -177,6 +177,23 @@ def test_resume_trims_eval_samples_and_equals_the_uninterrupted_run(tmp_path, he
     assert written == full_written
     strip = lambda line: {k: v for k, v in line.items() if k not in TIMES}  # noqa: E731
     assert [strip(line) for line in lines] == [strip(line) for line in full_lines]
+    best = [json.loads((out / "best/manifest.json").read_text())["best"] for out in (tmp_path / "full", crashed)]
+    assert best[0] == best[1]
+
+
+def test_a_best_saved_past_the_checkpoint_resumed_is_named(tmp_path):
+    from lora_rl.commands import rl as rl_command
+    from lora_rl.rl.loop import Position
+    from lora_rl.training.checkpoint import FORMAT
+
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best/manifest.json").write_text(json.dumps({"format": FORMAT, "best": {"update": 7}}))
+    trainer = SimpleNamespace(out=tmp_path, position=Position(update=5, best=0.25, best_update=3))
+    (line,) = rl_command.Trainer.later_best(trainer)
+    assert line == (f"{tmp_path / 'best'} is the policy of update 7, past the checkpoint resumed (update 5): it stays "
+                    "until an evaluation beats the best before the checkpoint, 0.25 (update 3)")  # fmt: skip
+    trainer.position.update = 7
+    assert rl_command.Trainer.later_best(trainer) == []
 
 
 def test_ppo_holds_out_eval_fraction_and_scores_with_its_reward_adapter(tmp_path, reward_adapter):  # noqa: F811
@@ -248,3 +265,51 @@ def test_trackers_get_the_eval_metrics_and_the_completions_as_a_table(tmp_path, 
     assert tracker.tables == [("eval_samples", 1, columns, rows[:5]), ("eval_samples", 2, columns, rows[5:])]
     assert [(step, "eval/pass@1" in values and "time_eval" in values) for step, values in tracker.logged] == [
         (1, True), (2, True)]  # fmt: skip
+
+
+def test_save_best_saves_when_the_metric_beats_every_earlier_evaluation(monkeypatch, tmp_path):
+    from lora_rl.commands import rl as rl_command
+    from lora_rl.rl.loop import Position
+
+    saved = []
+    monkeypatch.setattr(rl_command, "save_policy", lambda *args, extra: saved.append((args[6], extra["best"])))
+    recipe = load_recipe(ROOT / "recipes/grpo-demo.yaml", ["train.save_best=eval/pass@1"])
+    trainer = SimpleNamespace(recipe=recipe, position=Position(), out=tmp_path, main=False, progress=None,
+                              accelerator=None, trained=None, roles=None, built=None)  # fmt: skip
+    for update, value in enumerate([0.2, 0.5, 0.5, 0.1, 0.7, None], start=1):
+        rl_command.Trainer.keep_best(trainer, update, {} if value is None else {"eval/pass@1": value})
+    assert saved == [(update, {"metric": "eval/pass@1", "value": value, "update": update})
+                     for update, value in [(1, 0.2), (2, 0.5), (5, 0.7)]]  # fmt: skip
+    assert (trainer.position.best, trainer.position.best_update) == (0.7, 5)
+
+
+def test_best_is_the_policy_of_its_update_and_loads(tmp_path, held_out):
+    out = tmp_path / "out"
+    lines, _ = run(out, "grpo.num_steps=3", "train.eval_every=1", "train.save_every=1", f"data.eval_path={held_out}",
+                   "eval.num_samples=2", "train.save_best=eval/reward", "train.learning_rate=0.01")  # fmt: skip
+    values = [line["eval/reward"] for line in lines]
+    update = values.index(max(values)) + 1  # the first of equal values
+    manifest = json.loads((out / "best/manifest.json").read_text())
+    assert manifest["best"] == {"metric": "eval/reward", "value": max(values), "update": update}
+    assert manifest["step"] == update and not (out / "best/trainer_state.json").exists()  # a policy, not a checkpoint
+    same = out / (f"checkpoint-{update}" if update < 3 else "final")
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (out / "best", same))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    result = CliRunner().invoke(app, ["load", str(out / "best"), "--prompt", "say the word cat"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [*GRPO, f"output_dir={out}", "grpo.num_steps=1", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "best").exists()  # a run's own best/ goes with it
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["train.save_best=eval/reward"], "train.save_best: set, but there are no held-out prompts to evaluate on"),
+     (["data.eval_fraction=0.1", "train.save_best=eval/pass@4"],
+      "train.save_best: got 'eval/pass@4'; expected a metric the evaluation logs, where higher is better: "
+      "eval/reward, eval/pass@1, eval/reward/correct, eval/reward/one_word")],
+)  # fmt: skip
+def test_save_best_names_a_metric_the_evaluation_logs(overrides, message):
+    with pytest.raises(RecipeError) as raised:
+        check_inputs(load_recipe(ROOT / "recipes/grpo-demo.yaml", overrides), command="grpo")
+    assert message in str(raised.value)

@@ -37,13 +37,15 @@ from lora_rl.rl.rewards import RewardTerm, StepState
 from lora_rl.rl.roles import ActorCritic, Roles
 from lora_rl.rl.rollout import collect
 from lora_rl.rl.setup import Schedule, chat_template_warnings, check_inputs, check_launch, schedule_of, setup_roles
-from lora_rl.training import guards, trackers
+from lora_rl.training import checkpoint, guards, trackers
 from lora_rl.training import lock as run_lock
 from lora_rl.training import resume as resuming
 from lora_rl.training import state as run_state
 from lora_rl.training.guards import BadUpdate
 from lora_rl.training.interrupt import Interrupt, Interrupted
 from lora_rl.training.optimizer import make_optimizer, make_scheduler
+
+BEST = "best"  # train.save_best's directory
 
 
 @run_lock.releases_lock
@@ -68,6 +70,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     trainer.accelerator.end_training()  # the trackers flush and close
     if trainer.main:
         display.console.print(f"saved {final}", highlight=False)
+        position = trainer.position
+        if recipe.train.save_best and position.best is not None:
+            line = f"best {recipe.train.save_best}: {position.best:.4g} at update {position.best_update}"
+            display.console.print(f"{line} ({trainer.out / BEST})", highlight=False)
     return final
 
 
@@ -153,6 +159,21 @@ class Trainer:
             resuming.trim_metrics(self.out / "metrics.jsonl", "update", self.position.update)
             resuming.trim_metrics(self.out / samples.FILE, "update", self.position.update)
             resuming.trim_metrics(self.out / evaluation.FILE, "update", self.position.update)
+            display.print_warnings(self.later_best())
+
+    def later_best(self) -> list[str]:
+        """best/ saved past the checkpoint being resumed (by the run that stopped) stays until this run's evaluations
+        beat the best before the checkpoint: a warning says so."""
+        directory = self.out / BEST
+        manifest = checkpoint.read_manifest(directory) if checkpoint.has_own_manifest(directory) else None
+        best = (manifest or {}).get("best") or {}
+        position = self.position
+        if best.get("update", 0) <= position.update:
+            return []
+        before = (f"{position.best:.4g} (update {position.best_update})" if position.best is not None else
+                  "nothing yet")  # fmt: skip
+        past = f"the policy of update {best['update']}, past the checkpoint resumed (update {position.update})"
+        return [f"{directory} is {past}: it stays until an evaluation beats the best before the checkpoint, {before}"]
 
     def save(self, name: str, update: int) -> Path:
         """checkpoint-N/ or final/: the policy and what resuming needs; old checkpoints rotated out."""
@@ -233,6 +254,22 @@ class Trainer:
             (self.progress.note if self.progress else display.console.print)(line)
         return found
 
+    def keep_best(self, update: int, found: dict[str, float]) -> None:
+        """train.save_best: best/ holds the policy of the evaluation with the metric's highest value (the first of
+        equal ones); its manifest says which update and value. Every process decides alike (the metrics are over
+        every process's completions)."""
+        name, position = self.recipe.train.save_best, self.position
+        value = found.get(name) if name else None
+        if value is None or (position.best is not None and value <= position.best):
+            return
+        position.best, position.best_update = value, update
+        best = {"metric": name, "value": value, "update": update}
+        save_policy(self.accelerator, self.trained, self.roles, self.built, self.recipe, self.out / BEST, update,
+                    lambda tmp: None, extra={"best": best})  # fmt: skip
+        if self.main:
+            line = f"update {update}: best {name} so far ({value:.4g}); saved {self.out / BEST}"
+            (self.progress.note if self.progress else display.console.print)(line)
+
     def update(self, update: int) -> dict | None:
         """One update, (1)-(7); its metrics record, or None when a non-finite value undid it."""
         recipe, objective, accelerator = self.recipe, self.objective, self.accelerator
@@ -262,6 +299,7 @@ class Trainer:
                 found = self.evaluate(update)
                 if self.main:
                     display.log_metrics(accelerator, self.out, {"update": update, **found}, "update")
+                self.keep_best(update, found)
             return None
         self.position.bad_in_a_row = 0
         undone = self.undo_if_too_far(update, rollout, snapshot, stats)
@@ -270,8 +308,9 @@ class Trainer:
         record = {"update": update, **rollout_metrics(accelerator, rollout), **after, **stats,
                   "lr": self.scheduler.get_last_lr()[0], "time_generate": timings.generate,
                   "time_score": timings.score, "time_train": time.perf_counter() - started}  # fmt: skip
-        if self.eval_due(update):  # (7) the held-out prompts, on the updated policy
+        if self.eval_due(update):  # (7) the held-out prompts, on the updated policy; best/ when it is the best yet
             record |= self.evaluate(update)
+            self.keep_best(update, record)
         if self.main:
             display.log_metrics(accelerator, self.out, record, "update")
             display.print_warnings(self.health.check(record))

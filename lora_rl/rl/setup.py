@@ -186,7 +186,7 @@ def eval_problems(recipe: Recipe) -> list[str]:
         return [f"data.eval_path and data.eval_fraction: both set ({data.eval_path}, {data.eval_fraction}); the "
                 "held-out prompts come from one of them: remove the other"]  # fmt: skip
     if not (data.eval_path or data.eval_fraction):
-        changed = ["train.eval_every"] if recipe.train.eval_every else []
+        changed = [f"train.{name}" for name in ("eval_every", "save_best") if getattr(recipe.train, name)]
         changed += [f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)
                     if getattr(recipe.eval, f.name) != getattr(default, f.name)]  # fmt: skip
         return [f"{name}: set, but there are no held-out prompts to evaluate on: set data.eval_path or "
@@ -197,6 +197,12 @@ def eval_problems(recipe: Recipe) -> list[str]:
     if wanted is not None and wanted not in names:
         found = f"the reward functions are {', '.join(names)}" if names else "the reward is not a function"
         return [f"eval.pass_function: got {wanted!r}; expected the name of a reward function ({found})"]
+    logged = ["eval/reward", "eval/pass@1", f"eval/pass@{recipe.eval.num_samples}"]
+    logged += [f"eval/reward/{name}" for name in names]
+    best = recipe.train.save_best
+    if best is not None and best not in logged:
+        return [f"train.save_best: got {best!r}; expected a metric the evaluation logs, where higher is better: "
+                f"{', '.join(dict.fromkeys(logged))}"]  # fmt: skip
     return []
 
 
