@@ -105,6 +105,12 @@ class Progress:
             console.print(f"{self.description} {completed}/{self.total}  {format_metrics(metrics)}", highlight=False)
         self.bar.update(self.task, completed=completed, metrics=format_metrics(metrics))
 
+    def status(self, text: str) -> None:
+        """Text in place of the metrics after the bar for a while (e.g. an evaluation's progress); the next update
+        puts the metrics back. Nothing without a terminal: there the line that follows says what happened."""
+        if not self.plain:
+            self.bar.update(self.task, metrics=text)
+
     def note(self, text: str) -> None:
         """A line printed above the bar (e.g. an evaluation), kept in the scrollback."""
         if self.enabled:

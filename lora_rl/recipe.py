@@ -103,10 +103,11 @@ class ActorConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train_path: str | None = key(None, "training data: a .jsonl, .json or .parquet file, or a datasets directory")
-    eval_path: str | None = key(None, "evaluation data in the same format; null holds out eval_fraction instead",
-                                commands=REWARD)  # fmt: skip
-    eval_fraction: float = key(0.0, "fraction of train_path held out (with the seed) when eval_path is null",
-                               UNIT_INTERVAL_OPEN, commands=REWARD)  # fmt: skip
+    eval_path: str | None = key(None, "evaluation data in train_path's format (train-reward: pairs; ppo, grpo: "
+                                "prompts with the columns the reward functions read); null holds out eval_fraction "
+                                "instead")  # fmt: skip
+    eval_fraction: float = key(0.0, "fraction of train_path's rows held out for evaluation (with the seed) when "
+                               "eval_path is null; training uses the rest", UNIT_INTERVAL_OPEN)  # fmt: skip
     max_length: int = key(512, "tokens per sequence; longer ones are truncated", POSITIVE_INT)
     drop_long: bool = key(False, "drop pairs longer than max_length instead of truncating them (both are counted)",
                           commands=REWARD)  # fmt: skip
@@ -158,8 +159,11 @@ class TrainConfig:
                              "trackers) at update 1 and every N-th; 0: never", NON_NEGATIVE_INT, RL)  # fmt: skip
     num_samples: int = key(4, "ppo, grpo: completions written per sampled update, spread over the main process's "
                            "batch", POSITIVE_INT, RL)  # fmt: skip
-    eval_every: int = key(0, "reward model: optimizer steps between evaluations; 0 evaluates only at the end",
-                          NON_NEGATIVE_INT, REWARD)  # fmt: skip
+    eval_every: int = key(0, "optimizer steps (ppo, grpo: updates) between evaluations on the eval data; 0 "
+                          "evaluates only at the end", NON_NEGATIVE_INT)  # fmt: skip
+    save_best: str | None = key(None, "ppo, grpo: keep best/, the policy of the evaluation with the highest value of "
+                                "this metric (eval/reward, eval/pass@K, eval/reward/NAME); null: none",
+                                commands=RL)  # fmt: skip
     save_every: int = key(0, "optimizer steps (ppo: updates) between checkpoints; 0 saves only at the end",
                           NON_NEGATIVE_INT)  # fmt: skip
     save_total_limit: int | None = key(None, "keep only the newest N checkpoints (older ones go once a new one is "
@@ -263,6 +267,18 @@ class GRPOConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    num_samples: int = key(1, "completions per held-out prompt: 1 is greedy; k > 1 samples k with the generation "
+                           "section's temperature, top_k and top_p (pass@k)", POSITIVE_INT)  # fmt: skip
+    pass_threshold: float = key(1.0, "a completion passes when its reward (or pass_function's own) is >= this; a "
+                                "prompt passes@k when any of its k completions does")  # fmt: skip
+    pass_function: str | None = key(None, "the reward function (its name, as in the metric reward/NAME) whose own "
+                                    "reward decides a pass; null: the summed reward")  # fmt: skip
+    batch_size: int | None = key(None, "completions generated at once per process (whole prompts, at least one); "
+                                 "null: as many as one update samples", POSITIVE_INT)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class RewardFunctionConfig:
     function: str = key("", "package.module:function; called as TRL's GRPOTrainer calls reward functions")
     weight: float = key(1.0, "its weight in the summed reward")
@@ -292,6 +308,7 @@ class Recipe:
     critic: CriticConfig = key(CriticConfig(), "ppo: the value function", commands=("ppo",))
     grpo: GRPOConfig = key(GRPOConfig(), "grpo: algorithm hyper-parameters", commands=("grpo",))
     reward: RewardConfig = key(RewardConfig(), "ppo, grpo: where scores come from; exactly one key", commands=RL)
+    eval: EvalConfig = key(EvalConfig(), "ppo, grpo: evaluation on held-out prompts", commands=RL)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -258,3 +258,36 @@ def test_batch_statistics_are_over_every_process_s_rows(tmp_path):
             # this process's rows alone would give other advantages: the test can tell
             alone = worker.objective(name).advantages(OneProcess(), rollout(*worker.part(rank, 2))).advantages
             assert not torch.allclose(alone, mine, atol=1e-2), name
+
+
+def test_evaluation_on_two_processes_equals_one_under_ddp_and_fsdp(tmp_path):
+    """Each process completes its share of the held-out prompts (3 batches of 2 prompts x 2 samples: 2 on process 0,
+    1 on process 1, which under FSDP runs one more whose results it drops); gathered, they equal one process's, to
+    the byte. Every run must evaluate the same policy: a learning rate of 1e-30 moves a fresh adapter (B = 0) by
+    far less than float32 rounding of any layer's output, so the policy stays the base (every evaluation of a run
+    the same shows it), while the training around it runs as usual."""
+    from tests.test_fsdp import launch as launch_fsdp
+
+    rows = [json.loads(line) for line in (ROOT / "recipes/data/grpo-demo.jsonl").read_text().splitlines()[:5]]
+    (tmp_path / "held-out.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["grpo", str(ROOT / "recipes/grpo-demo.yaml"), "grpo.num_steps=2", "grpo.num_generations=4",
+              "train.batch_size=4", f"data.eval_path={tmp_path / 'held-out.jsonl'}", "train.eval_every=1",
+              "eval.num_samples=2", "eval.batch_size=4", "train.learning_rate=1e-30"]  # fmt: skip
+    one = launch(1, *common, "grpo.prompts_per_step=2", f"output_dir={tmp_path / 'one'}", timeout=300)
+    two = launch(2, *common, "grpo.prompts_per_step=1", f"output_dir={tmp_path / 'two'}", timeout=300)
+    fsdp = launch_fsdp("recipes/accelerate/fsdp.yaml", *common, "grpo.prompts_per_step=1",
+                       f"output_dir={tmp_path / 'fsdp'}")  # fmt: skip
+    assert one.returncode == 0 and two.returncode == 0 and fsdp.returncode == 0, \
+        one.stderr[-2000:] + two.stderr[-2000:] + fsdp.stderr[-3000:]  # fmt: skip
+    assert "fsdp_on_cpu: FSDP2" in fsdp.stderr
+    evaluated = lambda out: [{k: v for k, v in m.items() if k.startswith("eval/")} for m in metrics(out)]  # noqa: E731
+    written = (tmp_path / "one/eval_samples.jsonl").read_text()
+    lines = [json.loads(line) for line in written.splitlines()]
+    assert [(w["update"], w["prompt"]) for w in lines] == [(u, r["prompt"]) for u in (1, 2) for r in rows for _ in "ab"]
+    assert [{k: v for k, v in w.items() if k != "update"} for w in lines[:10]] == \
+        [{k: v for k, v in w.items() if k != "update"} for w in lines[10:]]  # fmt: skip
+    assert len({w["completion"] for w in lines}) > 1
+    for other in ("two", "fsdp"):
+        assert (tmp_path / other / "eval_samples.jsonl").read_text() == written, other
+        assert evaluated(tmp_path / other) == evaluated(tmp_path / "one"), other
+    assert two.stdout.count("update 2: eval reward") == 1  # the main process alone says it

@@ -84,3 +84,14 @@ def test_fsdp1_is_refused(tmp_path):
     result = launch(str(config), "ppo", str(ROOT / "recipes/ppo-demo.yaml"), f"output_dir={tmp_path / 'out'}")
     assert result.returncode != 0
     assert "fsdp_version 1 cannot save the adapter" in result.stdout + result.stderr
+
+
+def test_a_forward_with_no_backward_before_a_save_under_fsdp2(tmp_path):
+    """grpo.max_update_kl measures the updated policy with one more forward and no backward, and a checkpoint
+    follows: FSDP2 left the root's weights gathered there, and saving the optimizer's state failed (KeyError)."""
+    out = tmp_path / "fsdp"
+    result = launch("recipes/accelerate/fsdp.yaml", "grpo", str(ROOT / "recipes/grpo-demo.yaml"), "grpo.num_steps=2",
+                    "grpo.prompts_per_step=1", "grpo.num_generations=4", "train.batch_size=4", "train.save_every=1",
+                    "grpo.max_update_kl=100", f"output_dir={out}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all("update_kl" in m for m in metrics(out)) and (out / "checkpoint-1").is_dir() and (out / "final").is_dir()

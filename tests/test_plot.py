@@ -91,3 +91,22 @@ def test_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     assert 'pip install "lora-rl[plot]"' in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (run_dir / "metrics.png").exists()
+
+
+def test_grpo_held_out_evaluation_joins_the_reward_panel_and_pass_at_k_gets_its_own(tmp_path):
+    """eval/reward and eval/response_length on an update's line are the eval split of the reward and length panels;
+    each eval/pass@k logged is a panel after the others; eval/reward/<fn> and time_eval are not drawn."""
+    records = [{"update": u, "reward": u / 4, "response_length": 4.0, "entropy": 1.0} for u in range(1, 5)]
+    for record in records[1::2]:  # evaluated after updates 2 and 4
+        record.update({"eval/reward": 0.1 * record["update"], "eval/reward/correct": 0.5, "eval/pass@1": 0.25,
+                       "eval/pass@8": 0.5, "eval/response_length": 3.0, "time_eval": 1.5})  # fmt: skip
+    run_dir = write_metrics(tmp_path / "grpo", records)
+    series = plot.read_series(run_dir / "metrics.jsonl")
+    assert series[("reward", "", "update")] == ([1, 2, 3, 4], [0.25, 0.5, 0.75, 1.0])
+    assert series[("reward", "eval", "update")] == ([2, 4], [0.2, 0.4])
+    assert series[("pass@8", "eval", "update")] == ([2, 4], [0.5, 0.5])
+    assert {metric for metric, _, _ in series} == {"reward", "response_length", "entropy", "pass@1", "pass@8"}
+    result = runner.invoke(app, ["plot", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    # reward, entropy, response_length, pass@1, pass@8: 3 columns x 2 rows
+    assert pixels(run_dir / "metrics.png") == (3 * 400, 2 * 300)

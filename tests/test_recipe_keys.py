@@ -57,12 +57,15 @@ PPO_RUN = ["ppo", str(ROOT / "recipes/ppo-demo.yaml"), "ppo.num_updates=2", "ppo
            "generation.top_k=5", "generation.top_p=0.9", "generation.chat_template=true", "ppo.kl_estimator=k3",
            "train.gradient_accumulation_steps=2", "ppo.whiten_advantages=false", "ppo.disable_dropout=false",
            "train.max_grad_norm=0.5", "train.gradient_checkpointing=true",
-           "train.checkpoint_every_n_layers=2"]  # fmt: skip
+           "train.checkpoint_every_n_layers=2", "data.eval_fraction=0.01", "train.eval_every=1", "eval.num_samples=2",
+           "eval.batch_size=4", "eval.pass_threshold=0.5"]  # fmt: skip
 GRPO_RUNS = [
     ["grpo", str(ROOT / "recipes/grpo-demo.yaml"), "grpo.num_steps=2", "grpo.prompts_per_step=2",
      "grpo.num_generations=4", "train.batch_size=4", "generation.max_new_tokens=4", "grpo.beta=0.04",
      "grpo.epsilon_high=0.3", "grpo.scale_rewards=batch", "grpo.num_iterations=2", "grpo.max_update_kl=100",
-     "grpo.loss_type=dr_grpo", "grpo.disable_dropout=false"],
+     "grpo.loss_type=dr_grpo", "grpo.disable_dropout=false",
+     f"data.eval_path={ROOT / 'recipes/data/grpo-digits.jsonl'}", "eval.batch_size=64", "eval.pass_function=correct",
+     "train.save_best=eval/reward/correct"],
     ["grpo", str(ROOT / "recipes/grpo-demo.yaml"), "grpo.num_steps=2", "grpo.prompts_per_step=2",
      "grpo.num_generations=4", "train.batch_size=4", "generation.max_new_tokens=4", "grpo.beta=0.04",
      "grpo.advantage=reinforce_pp", "train.gradient_checkpointing=true", "train.checkpoint_every_n_layers=2"],
@@ -166,10 +169,10 @@ def other_value(key: str, tmp_path: Path) -> str:
 
 def test_the_refusal_reaches_the_user_as_one_line_per_key(tmp_path):
     result = CliRunner().invoke(app, ["grpo", str(ROOT / "recipes/grpo-demo.yaml"), "ppo.kl_coef=0.5",
-                                      "train.eval_every=5", f"output_dir={tmp_path}"])  # fmt: skip
+                                      "train.log_every=5", f"output_dir={tmp_path}"])  # fmt: skip
     assert result.exit_code == 2
     assert "error: ppo.kl_coef: set to 0.5, but grpo does not read it (only ppo); remove it" in result.output
-    line = "error: train.eval_every: set to 5, but grpo does not read it (only train-reward); remove it"
+    line = "error: train.log_every: set to 5, but grpo does not read it (only train-reward); remove it"
     assert line in result.output
     with pytest.raises(RecipeError):
         check_recipe(load_recipe(ROOT / "recipes/ppo-demo.yaml", ["grpo.beta=0.1"]), "ppo")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 from lora_rl.data import DataError
 
 # The panels, in order, of whichever metrics a run logged: ppo/grpo log one line per `update`, train-reward
-# one per `step` with split train or eval.
+# one per `step` with split train or eval. ppo/grpo's held-out evaluation (eval/reward, eval/response_length,
+# eval/pass@k) is drawn as the eval split of the same panel, pass@k in panels of their own after these.
 METRICS = ("reward", "kl", "entropy", "policy_loss", "value_loss", "response_length", "loss", "accuracy", "margin")
+EVAL_PREFIX, PASS_AT = "eval/", "pass@"
 COLUMNS, PANEL_INCHES, DPI = 3, (4.0, 3.0), 100  # a fixed size per panel: the PNG's pixel size is predictable
 INSTALL = 'plotting needs matplotlib: pip install "lora-rl[plot]"'
 
@@ -26,7 +29,9 @@ def run(run_dirs: list[Path], out: Path | None) -> Path:
     if not out.parent.is_dir():
         raise DataError([f"--out: directory {out.parent} does not exist"])
     runs = {name: read_series(path / "metrics.jsonl") for name, path in zip(labels(run_dirs), run_dirs, strict=True)}
-    panels = [m for m in METRICS if any(key[0] == m for series in runs.values() for key in series)]
+    logged = {key[0] for series in runs.values() for key in series}
+    passes = sorted((m for m in logged if m.startswith(PASS_AT)), key=lambda m: int(m[len(PASS_AT) :]))
+    panels = [m for m in METRICS if m in logged] + passes
     if not panels:
         raise DataError([f"{run_dirs[0] / 'metrics.jsonl'}: none of the metrics {', '.join(METRICS)}"])
     try:
@@ -62,11 +67,15 @@ def read_series(path: Path) -> Series:
             x = record[axis]
         except (ValueError, TypeError, KeyError):
             raise DataError([f"{path}: line {number} is not a metrics record (JSON with 'update' or 'step')"]) from None
-        for metric in METRICS:
-            if isinstance(record.get(metric), int | float):
-                xs, ys = series.setdefault((metric, record.get("split", ""), axis), ([], []))
+        for name, value in record.items():
+            metric, split = name, record.get("split", "")
+            if name.startswith(EVAL_PREFIX):  # ppo, grpo: the held-out prompts' metrics on the update's line
+                metric, split = name[len(EVAL_PREFIX) :], "eval"
+            plotted = metric in METRICS or (split == "eval" and re.fullmatch(r"pass@\d+", metric))
+            if plotted and isinstance(value, int | float) and not isinstance(value, bool):
+                xs, ys = series.setdefault((metric, split, axis), ([], []))
                 xs.append(x)
-                ys.append(record[metric])
+                ys.append(value)
     return series
 
 

@@ -19,7 +19,7 @@ import torch
 from lora_rl import display
 from lora_rl.models.build import Built, build, materialize_builtins
 from lora_rl.recipe import Recipe
-from lora_rl.rl import samples
+from lora_rl.rl import evaluation, samples
 from lora_rl.rl.health import RunHealth
 from lora_rl.rl.loop import (
     Position,
@@ -37,13 +37,15 @@ from lora_rl.rl.rewards import RewardTerm, StepState
 from lora_rl.rl.roles import ActorCritic, Roles
 from lora_rl.rl.rollout import collect
 from lora_rl.rl.setup import Schedule, chat_template_warnings, check_inputs, check_launch, schedule_of, setup_roles
-from lora_rl.training import guards, trackers
+from lora_rl.training import checkpoint, guards, trackers
 from lora_rl.training import lock as run_lock
 from lora_rl.training import resume as resuming
 from lora_rl.training import state as run_state
 from lora_rl.training.guards import BadUpdate
 from lora_rl.training.interrupt import Interrupt, Interrupted
 from lora_rl.training.optimizer import make_optimizer, make_scheduler
+
+BEST = "best"  # train.save_best's directory
 
 
 @run_lock.releases_lock
@@ -55,26 +57,30 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     recipe file is, searched first for reward.function's module.
     """
     # 1. Everything that can be wrong with the input, before any model loads.
-    recipe, rows, terms = check_inputs(recipe, recipe_dir, command)
+    recipe, rows, eval_rows, terms = check_inputs(recipe, recipe_dir, command)
     schedule = schedule_of(recipe, command)
     if finished := resuming.finished_run(recipe, resume):
         return finished
     resume_dir = resuming.find_resume(recipe, resume, allow_changes)
     # 2. One base, every role (the policy, value head and critic from the checkpoint when resuming).
-    trainer = setup(recipe, rows, terms, schedule, overwrite, resume, resume_dir)
+    trainer = setup(recipe, rows, eval_rows, terms, schedule, overwrite, resume, resume_dir)
     # 3. The updates, then the final adapter.
     trainer.train()
     final = trainer.save("final", schedule.updates)
     trainer.accelerator.end_training()  # the trackers flush and close
     if trainer.main:
         display.console.print(f"saved {final}", highlight=False)
+        position = trainer.position
+        if recipe.train.save_best and position.best is not None:
+            line = f"best {recipe.train.save_best}: {position.best:.4g} at update {position.best_update}"
+            display.console.print(f"{line} ({trainer.out / BEST})", highlight=False)
     return final
 
 
-def setup(recipe: Recipe, rows: list[dict], terms: list[RewardTerm] | None, schedule: Schedule, overwrite: bool,
-          resume: str | None, resume_dir: Path | None) -> Trainer:  # fmt: skip
-    """The accelerator, the output directory, the model serving every role, the optimizer, the prompt batches;
-    restored from `resume_dir` when resuming."""
+def setup(recipe: Recipe, rows: list[dict], eval_rows: list[dict], terms: list[RewardTerm] | None,
+          schedule: Schedule, overwrite: bool, resume: str | None, resume_dir: Path | None) -> Trainer:  # fmt: skip
+    """The accelerator, the output directory, the model serving every role, the optimizer, the prompt batches and
+    the held-out prompts; restored from `resume_dir` when resuming."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -100,6 +106,8 @@ def setup(recipe: Recipe, rows: list[dict], terms: list[RewardTerm] | None, sche
     roles.place(accelerator.device)
     trainer = Trainer(accelerator, recipe, schedule, out, built, roles, actor_critic, trained, optimizer, scheduler,
                       objective, PromptBatches(rows, built.tokenizer, recipe, schedule, accelerator))  # fmt: skip
+    if eval_rows:
+        trainer.evalset = evaluation.EvalSet(eval_rows, built.tokenizer, recipe, schedule.completions, accelerator)
     # Each process samples its own completions: same weights (DDP broadcast rank 0's), its own sampling stream.
     torch.manual_seed(recipe.seed + accelerator.process_index)
     if resume_dir:
@@ -124,12 +132,14 @@ class Trainer:
     objective: object  # PPOObjective | GRPOObjective
     batches: PromptBatches
     position: Position = None
+    evalset: evaluation.EvalSet | None = None  # the held-out prompts, when the recipe has some
 
     def __post_init__(self) -> None:
         self.generators = {"minibatch": torch.Generator().manual_seed(self.recipe.seed)}
         self.position = self.position or Position()
         self.main = self.accelerator.is_main_process
         self.health = RunHealth(self.schedule.command)
+        self.progress: display.Progress | None = None  # while train() runs
 
     def restore(self, resume_dir: Path) -> None:
         """Optimizer, RNG, data position and the objective's statistics from a checkpoint."""
@@ -148,6 +158,22 @@ class Trainer:
         if self.main:  # lines past the checkpoint are written again
             resuming.trim_metrics(self.out / "metrics.jsonl", "update", self.position.update)
             resuming.trim_metrics(self.out / samples.FILE, "update", self.position.update)
+            resuming.trim_metrics(self.out / evaluation.FILE, "update", self.position.update)
+            display.print_warnings(self.later_best())
+
+    def later_best(self) -> list[str]:
+        """best/ saved past the checkpoint being resumed (by the run that stopped) stays until this run's evaluations
+        beat the best before the checkpoint: a warning says so."""
+        directory = self.out / BEST
+        manifest = checkpoint.read_manifest(directory) if checkpoint.has_own_manifest(directory) else None
+        best = (manifest or {}).get("best") or {}
+        position = self.position
+        if best.get("update", 0) <= position.update:
+            return []
+        before = (f"{position.best:.4g} (update {position.best_update})" if position.best is not None else
+                  "nothing yet")  # fmt: skip
+        past = f"the policy of update {best['update']}, past the checkpoint resumed (update {position.update})"
+        return [f"{directory} is {past}: it stays until an evaluation beats the best before the checkpoint, {before}"]
 
     def save(self, name: str, update: int) -> Path:
         """checkpoint-N/ or final/: the policy and what resuming needs; old checkpoints rotated out."""
@@ -170,6 +196,7 @@ class Trainer:
         total, position = self.schedule.updates, self.position
         with display.Progress(total, self.schedule.command, enabled=self.main) as progress, \
                 Interrupt(self.accelerator).installed() as interrupt:  # fmt: skip
+            self.progress = progress
             progress.update(position.update, {})
             while position.update < total:
                 position.update += 1
@@ -205,6 +232,44 @@ class Trainer:
                                     f"({self.position.updates_undone} so far)"])  # fmt: skip
         return True
 
+    def eval_due(self, update: int) -> bool:
+        return self.evalset is not None and evaluation.due(update, self.schedule.updates, self.recipe.train.eval_every)
+
+    def evaluate(self, update: int) -> dict[str, float]:
+        """Every held-out prompt completed by the policy (sharded over the processes) and scored as in training ->
+        the eval/ metrics and time_eval (every process); eval_samples.jsonl and a line above the progress bar."""
+        started, evalset = time.perf_counter(), self.evalset
+        shown = None
+        if self.main and self.progress is not None:
+            shown = lambda done, total: self.progress.status(f"eval {done}/{total} batches")  # noqa: E731
+        state = StepState(update, self.schedule.updates)  # trainer_state: the updates done
+        run = partial(evaluation.complete, self.roles, self.built.tokenizer, evalset, self.recipe.generation,
+                      self.recipe.seed, state, self.accelerator.device, shown)  # fmt: skip
+        completions = evaluation.everywhere(self.accelerator, self.trained, run)
+        found = {**evaluation.summarise(completions, self.recipe.eval), "time_eval": time.perf_counter() - started}
+        if self.main:
+            written = evaluation.records(completions, evalset.rows, self.recipe.eval, update)
+            evaluation.write(self.accelerator, self.out, written)
+            line = evaluation.summary_line(update, found, len(evalset.rows), evalset.samples)
+            (self.progress.note if self.progress else display.console.print)(line)
+        return found
+
+    def keep_best(self, update: int, found: dict[str, float]) -> None:
+        """train.save_best: best/ holds the policy of the evaluation with the metric's highest value (the first of
+        equal ones); its manifest says which update and value. Every process decides alike (the metrics are over
+        every process's completions)."""
+        name, position = self.recipe.train.save_best, self.position
+        value = found.get(name) if name else None
+        if value is None or (position.best is not None and value <= position.best):
+            return
+        position.best, position.best_update = value, update
+        best = {"metric": name, "value": value, "update": update}
+        save_policy(self.accelerator, self.trained, self.roles, self.built, self.recipe, self.out / BEST, update,
+                    lambda tmp: None, extra={"best": best})  # fmt: skip
+        if self.main:
+            line = f"update {update}: best {name} so far ({value:.4g}); saved {self.out / BEST}"
+            (self.progress.note if self.progress else display.console.print)(line)
+
     def update(self, update: int) -> dict | None:
         """One update, (1)-(7); its metrics record, or None when a non-finite value undid it."""
         recipe, objective, accelerator = self.recipe, self.objective, self.accelerator
@@ -230,6 +295,11 @@ class Trainer:
             self.position.bad_in_a_row += 1
             guards.skip_or_stop(str(err), self.position.bad_in_a_row, self.schedule.max_bad_updates, "update",
                                 f"{self.schedule.command}.max_bad_updates", self.main)  # fmt: skip
+            if self.eval_due(update):  # evaluated all the same (the policy of the update before): a line of its own
+                found = self.evaluate(update)
+                if self.main:
+                    display.log_metrics(accelerator, self.out, {"update": update, **found}, "update")
+                self.keep_best(update, found)
             return None
         self.position.bad_in_a_row = 0
         undone = self.undo_if_too_far(update, rollout, snapshot, stats)
@@ -238,6 +308,9 @@ class Trainer:
         record = {"update": update, **rollout_metrics(accelerator, rollout), **after, **stats,
                   "lr": self.scheduler.get_last_lr()[0], "time_generate": timings.generate,
                   "time_score": timings.score, "time_train": time.perf_counter() - started}  # fmt: skip
+        if self.eval_due(update):  # (7) the held-out prompts, on the updated policy; best/ when it is the best yet
+            record |= self.evaluate(update)
+            self.keep_best(update, record)
         if self.main:
             display.log_metrics(accelerator, self.out, record, "update")
             display.print_warnings(self.health.check(record))

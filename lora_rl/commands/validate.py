@@ -18,7 +18,7 @@ def run(recipe: Recipe, purpose: str, recipe_dir: Path) -> None:
     if purpose == "train-reward":
         display.print_warnings(train_reward.check_inputs(recipe).warnings)
     else:
-        recipe, _, _ = rl_setup.check_inputs(recipe, recipe_dir, purpose)
+        recipe = rl_setup.check_inputs(recipe, recipe_dir, purpose).recipe
         display.print_warnings(rl_setup.chat_template_warnings(recipe))
     built = build(recipe, "reward" if purpose == "train-reward" else "causal-lm")
     display.print_model_report(built.report)

@@ -33,7 +33,7 @@ from lora_rl.rl.roles import (
 from lora_rl.rl.rollout import Rollout
 from lora_rl.rl.setup import Schedule
 from lora_rl.training import checkpoint, guards
-from lora_rl.training.distributed import on_any_process
+from lora_rl.training.distributed import on_any_process, reshard
 from lora_rl.training.guards import BadUpdate
 
 
@@ -47,6 +47,8 @@ class Position:
     last_saved: int = 0
     bad_in_a_row: int = 0
     updates_undone: int = 0  # by max_update_kl
+    best: float | None = None  # train.save_best: the best value of the metric so far
+    best_update: int = 0  # and the update it came from (best/)
 
 
 class PromptBatches:
@@ -228,6 +230,7 @@ def update_kl(accelerator, model, rollout: Rollout, micro: int) -> float:
         mask = rollout.mask[index]
         total += ((torch.expm1(log_ratio) - log_ratio) * mask).sum()
         count += mask.sum()
+    reshard(model)  # no backward follows (FSDP2)
     return (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum").clamp(min=1)).item()
 
 
@@ -243,12 +246,12 @@ def rollout_metrics(accelerator, rollout: Rollout) -> dict[str, float]:
 
 
 def save_policy(accelerator, trained, roles: Roles, built: Built, recipe: Recipe, directory: Path, update: int,
-                write_state) -> Path:  # fmt: skip
+                write_state, extra: dict | None = None) -> Path:  # fmt: skip
     """The policy adapter (plain peft layout, loadable and mergeable), its value head, the critic adapter
-    (in critic/), tokenizer, recipe and what resuming needs."""
+    (in critic/), tokenizer, recipe and what resuming needs (write_state); `extra`: more for the manifest."""
     state = accelerator.get_state_dict(trained)  # every process takes part: FSDP gathers the shards on rank 0
     if accelerator.is_main_process:
-        extra = {"base_fingerprint": base_fingerprint(built.model.config)}
+        extra = {"base_fingerprint": base_fingerprint(built.model.config), **(extra or {})}
         weights = checkpoint.submodule_state(state, "model.")
 
         def value_head(tmp: Path) -> None:

@@ -39,23 +39,30 @@ class Timings(NamedTuple):
 
 
 @torch.no_grad()
-def generate(roles: Roles, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-             cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(B, P) left-padded prompts -> (B, R) sampled responses, and (B, R, H) the policy's last hidden state
-    before each of them: the LM head's input at each step (KV cache; stops once every row has EOS)."""
+def generate(roles: Roles, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: GenerationConfig,
+             greedy: bool = False, hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(B, P) left-padded prompts -> (B, R) sampled responses (greedy: the likeliest token at each step), and
+    (B, R, H) the policy's last hidden state before each of them: the LM head's input at each step (KV cache;
+    stops once every row has EOS); None without `hidden`."""
     roles.model.eval()
     steps = []
-    record = output_layer(roles.model).register_forward_pre_hook(lambda _, args: steps.append(args[0][:, -1]))
+    record = None
+    if hidden:
+        record = output_layer(roles.model).register_forward_pre_hook(lambda _, args: steps.append(args[0][:, -1]))
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": cfg.temperature,
+                                                    "top_k": cfg.top_k or None, "top_p": cfg.top_p}  # fmt: skip
     try:
         with roles.use(POLICY), only_given_sampling(roles.model):
             sequences = roles.model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, use_cache=True,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=cfg.max_new_tokens, use_cache=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
             )  # fmt: skip
     finally:
-        record.remove()
+        if record is not None:
+            record.remove()
     responses = sequences[:, prompt_ids.shape[1] :]
+    if not hidden:
+        return responses, None
     assert len(steps) == responses.shape[1], "one LM head call per sampled token"
     return responses, torch.stack(steps, dim=1)
 

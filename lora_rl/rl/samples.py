@@ -62,17 +62,18 @@ def log(accelerator, out: Path, records: list[dict[str, Any]]) -> None:
     to_trackers(accelerator.trackers, records)
 
 
-def to_trackers(trackers: list, records: list[dict[str, Any]]) -> None:
+def to_trackers(trackers: list, records: list[dict[str, Any]], table: str = TABLE) -> None:
     """One table per sampled update, at that update: to accelerate's trackers with `log_table` (W&B, ClearML),
-    and to TensorBoard, which has no table, as a markdown table in its text plugin. Others get nothing."""
+    and to TensorBoard, which has no table, as a markdown table in its text plugin. Others get nothing. `table`: its
+    name (samples; eval_samples for the held-out prompts' completions)."""
     columns = list(records[0])  # every record of an update has the same keys
     data = [[_cell(record[column]) for column in columns] for record in records]
     update = records[0]["update"]
     for tracker in trackers:
         if hasattr(tracker, "log_table"):
-            tracker.log_table(TABLE, columns=columns, data=data, step=update)
+            tracker.log_table(table, columns=columns, data=data, step=update)
         elif tracker.name == "tensorboard":  # accelerate's tracker holds the SummaryWriter
-            tracker.tracker.add_text(TABLE, markdown_table(columns, data), global_step=update)
+            tracker.tracker.add_text(table, markdown_table(columns, data), global_step=update)
 
 
 def _cell(value: Any) -> Any:

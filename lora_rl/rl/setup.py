@@ -13,7 +13,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from lora_rl import builtin
-from lora_rl.data import Tokenized, check_chat_template, prompt_ids, rows_of, tokenize_prompts
+from lora_rl.data import Tokenized, check_chat_template, prompt_ids, rows_of, split_rows, tokenize_prompts
 from lora_rl.models.build import (
     Built,
     check_model_dir,
@@ -27,7 +27,7 @@ from lora_rl.models.build import (
 )
 from lora_rl.models.context import refuse_overlong
 from lora_rl.models.reward_model import RewardModel
-from lora_rl.recipe import Recipe, RecipeError, TrainConfig, trained_chat_template, unread_settings
+from lora_rl.recipe import EvalConfig, Recipe, RecipeError, TrainConfig, trained_chat_template, unread_settings
 from lora_rl.rl.rewards import RewardError, RewardTerm, check_terms, data_columns, load_prompt_rows
 from lora_rl.rl.roles import (
     CRITIC,
@@ -77,12 +77,17 @@ def schedule_of(recipe: Recipe, command: str) -> Schedule:
                     c.max_bad_updates, c.max_update_kl, c.disable_dropout, batch)  # fmt: skip
 
 
-def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
-                 command: str = "ppo") -> tuple[Recipe, list[dict], list[RewardTerm] | None]:  # fmt: skip
+class Inputs(NamedTuple):
+    recipe: Recipe  # as it will run (see `with_chat_prompts`)
+    rows: list[dict]  # the training prompts
+    eval_rows: list[dict]  # the held-out prompts (data.eval_path or data.eval_fraction); [] without
+    terms: list[RewardTerm] | None  # the reward functions, or None (a reward adapter or model)
+
+
+def check_inputs(recipe: Recipe, recipe_dir: Path | None = None, command: str = "ppo") -> Inputs:
     """Every check `command` (ppo or grpo) makes before it loads a model, also run by `validate --for`: its
-    settings, the model and adapter files, the prompts and the reward functions' import (and their arguments
-    against the data's columns). Returns the recipe as it will run (see `with_chat_prompts`), the prompt rows
-    and the reward functions."""
+    settings, the model and adapter files, the prompts (training and held-out) and the reward functions' import
+    (and their arguments against each data file's columns)."""
     check_recipe(recipe, command)
     trackers.check_trackers(recipe)
     check_model_files(recipe, causal_lm=True)
@@ -90,11 +95,14 @@ def check_inputs(recipe: Recipe, recipe_dir: Path | None = None,
         checkpoint.read_adapter_config(Path(recipe.reward.adapter))
     if recipe.reward.model:
         check_model_dir(recipe.reward.model, recipe.actor.model, "reward.model")
-    rows = load_prompt_rows(recipe.data.train_path)
+    rows, eval_rows = load_split(recipe)
     check_reward_model_reads_the_prompts(recipe, rows)
-    recipe = with_chat_prompts(recipe, rows)
-    check_prompts(recipe, rows)
-    return recipe, rows, import_rewards(recipe, rows, recipe_dir)
+    resolved = with_chat_prompts(recipe, rows)
+    check_prompts(resolved, rows)
+    terms = import_rewards(recipe, rows, recipe_dir)
+    if eval_rows and recipe.data.eval_path:
+        check_eval_rows(recipe, rows, eval_rows, terms)
+    return Inputs(resolved, rows, eval_rows, terms)
 
 
 def check_prompts(recipe: Recipe, rows: list[dict]) -> None:
@@ -131,6 +139,30 @@ def check_context(recipe: Recipe, prompts: Tokenized) -> None:
 
     refuse_overlong("data.max_length + generation.max_new_tokens", "a sequence", length + new + eos, detail, fix,
                     recipe.actor.model)  # fmt: skip
+
+
+def load_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): data.eval_path's prompts, or a seeded data.eval_fraction of train_path's rows
+    (as train-reward holds out pairs), or none."""
+    rows = load_prompt_rows(recipe.data.train_path)
+    if recipe.data.eval_path:
+        return rows, load_prompt_rows(recipe.data.eval_path)
+    return split_rows(rows, recipe.data.eval_fraction, recipe.seed)
+
+
+def check_eval_rows(recipe: Recipe, rows: list[dict], eval_rows: list[dict], terms: list[RewardTerm] | None) -> None:
+    """data.eval_path's prompts as training's: the same form (text or chat messages) and every column the reward
+    functions ask for."""
+    path = recipe.data.eval_path
+    chat, eval_chat = (isinstance(r[0]["prompt"], list) for r in (rows, eval_rows))
+    if chat != eval_chat:
+        form = {True: "chat messages", False: "text"}
+        raise RecipeError([f"data.eval_path: {path}'s prompts are {form[eval_chat]}, data.train_path's are "
+                           f"{form[chat]}; give both in the same form"])  # fmt: skip
+    try:
+        check_terms(terms or [], data_columns(eval_rows))
+    except RewardError as err:
+        raise RecipeError([f"data.eval_path: {path}: {err}"]) from None
 
 
 def check_reward_model_reads_the_prompts(recipe: Recipe, rows: list[dict]) -> None:
@@ -176,12 +208,41 @@ def check_recipe(recipe: Recipe, command: str = "ppo") -> None:
     critic_adapter = command == "ppo" and recipe.critic.mode == "adapter"
     if not model.is_lora and (recipe.reward.adapter or critic_adapter):
         problems.append("reward.adapter and critic.mode: adapter share the policy's base: they need is_lora: true")
+    problems += eval_problems(recipe)
     if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         problems.append(
             "train.mixed_precision: got 'fp16'; fp16 needs a CUDA GPU, this machine has none: use bf16 or no"
         )
     if problems:
         raise RecipeError(problems)
+
+
+def eval_problems(recipe: Recipe) -> list[str]:
+    """The evaluation's settings: held-out prompts from one source, evaluation settings only with them, and a
+    pass_function that names one of the reward functions."""
+    data, default = recipe.data, EvalConfig()
+    if data.eval_path and data.eval_fraction:
+        return [f"data.eval_path and data.eval_fraction: both set ({data.eval_path}, {data.eval_fraction}); the "
+                "held-out prompts come from one of them: remove the other"]  # fmt: skip
+    if not (data.eval_path or data.eval_fraction):
+        changed = [f"train.{name}" for name in ("eval_every", "save_best") if getattr(recipe.train, name)]
+        changed += [f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)
+                    if getattr(recipe.eval, f.name) != getattr(default, f.name)]  # fmt: skip
+        return [f"{name}: set, but there are no held-out prompts to evaluate on: set data.eval_path or "
+                "data.eval_fraction" for name in changed]  # fmt: skip
+    wanted, reward = recipe.eval.pass_function, recipe.reward
+    specs = [reward.function] if reward.function else [f.function for f in reward.functions or []]
+    names = [spec.rpartition(":")[2] for spec in specs]
+    if wanted is not None and wanted not in names:
+        found = f"the reward functions are {', '.join(names)}" if names else "the reward is not a function"
+        return [f"eval.pass_function: got {wanted!r}; expected the name of a reward function ({found})"]
+    logged = ["eval/reward", "eval/pass@1", f"eval/pass@{recipe.eval.num_samples}"]
+    logged += [f"eval/reward/{name}" for name in names]
+    best = recipe.train.save_best
+    if best is not None and best not in logged:
+        return [f"train.save_best: got {best!r}; expected a metric the evaluation logs, where higher is better: "
+                f"{', '.join(dict.fromkeys(logged))}"]  # fmt: skip
+    return []
 
 
 def check_launch(accelerator, recipe: Recipe, schedule: Schedule, prompts: int) -> None:

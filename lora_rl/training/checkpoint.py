@@ -37,7 +37,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SAFE_WEIGHTS = (ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
 PARTIAL = ".lora-rl-partial"  # in a temporary checkpoint directory from its creation until its manifest is written
 RUN_RECORD = ".lora-rl-run.json"  # the run files lora-rl wrote in an output directory
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "samples.jsonl")
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl")
 
 
 class CheckpointError(Exception):

@@ -29,6 +29,14 @@ def on_any_process(accelerator, note: str | None) -> str | None:
     return next((f"{n} (process {rank})" for rank, n in enumerate(notes) if n is not None), None)
 
 
+def reshard(model) -> None:
+    """After a forward with no backward (generation, a measurement): FSDP2 leaves the root module's weights gathered,
+    for the backward that usually follows, in place of the sharded parameters the optimizer holds, so saving the
+    optimizer's state (by parameter) or copying weights back would miss them. Shard them again; no-op without FSDP2."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
 def end_distributed_run(exit_code: int) -> None:
     """With several processes, once all finished together (the last save done): leave the process group and
     exit at once. Left to interpreter shutdown, gloo's threads outlive destroy_process_group and can abort

@@ -29,8 +29,8 @@ def start_run_dir(output_dir: str | Path, recipe, overwrite: bool, resuming: boo
                   restart: bool = False) -> Path:  # fmt: skip
     """Lock the run's output directory (creating it), check what is in it, and save the resolved recipe there.
 
-    What the run writes (RUN_FILES, checkpoint-N/, final/) must be absent or lora-rl's, else nothing is touched and
-    the error names it. A previous run there is refused unless the run is resumed, or
+    What the run writes (RUN_FILES, checkpoint-N/, final/, best/) must be absent or lora-rl's, else nothing is touched
+    and the error names it. A previous run there is refused unless the run is resumed, or
     `overwrite` (or `restart`: `--resume auto` found no checkpoint to continue) deletes it first.
     """
     out = Path(output_dir)
@@ -40,7 +40,7 @@ def start_run_dir(output_dir: str | Path, recipe, overwrite: bool, resuming: boo
         recover_interrupted_saves(out)
         recorded = read_run_record(out)
         entries = [out / name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
-        entries += [p for p in out.iterdir() if re.fullmatch(r"checkpoint-\d+|final", p.name)]
+        entries += [p for p in out.iterdir() if re.fullmatch(r"checkpoint-\d+|final|best", p.name)]
         refuse_foreign(entries, recorded)
         previous = [p for p in entries if p.name != "recipe.yaml"]
         if previous and not resuming:
