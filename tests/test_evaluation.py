@@ -313,3 +313,18 @@ def test_save_best_names_a_metric_the_evaluation_logs(overrides, message):
     with pytest.raises(RecipeError) as raised:
         check_inputs(load_recipe(ROOT / "recipes/grpo-demo.yaml", overrides), command="grpo")
     assert message in str(raised.value)
+
+
+def test_a_skipped_last_update_is_evaluated_all_the_same_on_a_line_of_its_own(tmp_path, held_out, monkeypatch):
+    from lora_rl.commands import rl as rl_command
+    from lora_rl.training.guards import BadUpdate
+
+    def non_finite(accelerator, update, rollout):
+        raise BadUpdate(f"update {update}: non-finite reward (as a test says)")
+
+    monkeypatch.setattr(rl_command, "check_finite", non_finite)
+    lines, written = run(tmp_path / "out", "grpo.num_steps=2", "grpo.max_bad_updates=5", f"data.eval_path={held_out}")
+    assert [sorted(line) for line in lines] == [["eval/pass@1", "eval/response_length", "eval/reward",
+                                                 "eval/reward/correct", "eval/reward/one_word", "time_eval",
+                                                 "update"]]  # fmt: skip
+    assert lines[0]["update"] == 2 and [w["update"] for w in written] == [2] * 5

@@ -3,7 +3,8 @@
 run(recipe, command): check everything -> one base serving policy, reference, critic (ppo) and reward -> for
 each update: (1) sample (grpo: a group of completions per prompt) (2) score (3)-(4) advantages (ppo: KL-shaped
 rewards, GAE, whitening; grpo: group-relative estimators; lora_rl.rl.objectives) (5) epochs over micro-batches
-(6) KL controller / group statistics (7) log (8) checkpoint. Non-finite values undo the whole update.
+(6) KL controller / group statistics (7) evaluation on held-out prompts when due, log (8) checkpoint. Non-finite
+values undo the whole update.
 """
 
 from __future__ import annotations

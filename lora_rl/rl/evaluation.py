@@ -182,9 +182,9 @@ def write(accelerator, out: Path, lines: list[dict[str, Any]]) -> None:
 
 
 def summary_line(update: int, metrics: dict[str, float], prompts: int, samples: int) -> str:
-    """`update 10: eval reward 0.625  pass@4 0.75  len 3.5  (8 prompts x 4, 1.2 s)`, above the progress bar."""
+    """`update 10: eval reward 0.625  pass@4 0.75  len 3.5  (8 prompts x 4, 1.23 s)`, above the progress bar."""
     shown = {"reward": metrics.get("eval/reward"), f"pass@{samples}": metrics[f"eval/pass@{samples}"],
              "len": metrics["eval/response_length"]}  # fmt: skip
     text = "  ".join(f"{name} {value:.3g}" for name, value in shown.items() if value is not None)
     times = f" x {samples}" if samples > 1 else ""
-    return f"update {update}: eval {text}  ({prompts} prompts{times}, {metrics['time_eval']:.1f} s)"
+    return f"update {update}: eval {text}  ({prompts} prompts{times}, {metrics['time_eval']:.3g} s)"
