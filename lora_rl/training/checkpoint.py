@@ -351,15 +351,18 @@ def writer_gone(pid: int, host: str) -> bool:
     tells nothing here."""
     if host != socket.gethostname():
         return False
-    if pid == os.getpid():
-        return True
+    return pid == os.getpid() or not process_alive(pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host; another user's process counts as running (it cannot be told)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:  # another user's process
         return False
-    return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _abandoned(path: Path, written_by: re.Pattern, locked: bool, unproven: list[Path]) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_rl import display
-from lora_rl.training.checkpoint import CheckpointError, umask
+from lora_rl.training.checkpoint import CheckpointError, process_alive, umask
 
 LOCK = ".lora-rl.lock"
 # What link(2) answers on a filesystem without hard links (some FUSE and SMB mounts).
@@ -186,19 +186,9 @@ def _stale(holder: dict[str, Any], mine: dict[str, Any]) -> bool:
     if not holder:
         return True
     if holder["host"] == mine["host"]:
-        return holder["pid"] == mine["pid"] or not _alive(holder["pid"])
+        return holder["pid"] == mine["pid"] or not process_alive(holder["pid"])
     same_job = mine["slurm_job"] is not None and holder.get("slurm_job") == mine["slurm_job"]
     return same_job and int(holder.get("slurm_restart") or 0) < mine["slurm_restart"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _describe(holder: dict[str, Any]) -> str:
