@@ -38,7 +38,7 @@ from lora_rl.rl.rewards import RewardTerm, StepState
 from lora_rl.rl.roles import ActorCritic, Roles
 from lora_rl.rl.rollout import collect
 from lora_rl.rl.setup import Schedule, chat_template_warnings, check_inputs, check_launch, schedule_of, setup_roles
-from lora_rl.training import checkpoint, guards, trackers
+from lora_rl.training import checkpoint, distributed, guards, trackers
 from lora_rl.training import lock as run_lock
 from lora_rl.training import resume as resuming
 from lora_rl.training import state as run_state
@@ -69,6 +69,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     trainer.train()
     final = trainer.save("final", schedule.updates)
     trainer.accelerator.end_training()  # the trackers flush and close
+    distributed.keep_until_exit(trainer)
     if trainer.main:
         display.console.print(f"saved {final}", highlight=False)
         position = trainer.position

@@ -67,6 +67,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     trainer.evaluate()
     final = trainer.save("final", trainer.position.step)
     trainer.accelerator.end_training()  # the trackers flush and close
+    distributed.keep_until_exit(trainer)
     if trainer.main:
         display.console.print(f"saved {final} ({time.perf_counter() - trainer.started:.0f}s)", highlight=False)
     return final

@@ -37,6 +37,18 @@ def reshard(model) -> None:
         model.reshard()
 
 
+_kept_until_exit: list = []
+
+
+def keep_until_exit(parts: object) -> None:
+    """With several processes, keep a finished run's parts (its DDP-wrapped model) alive until end_distributed_run's
+    os._exit. Freed earlier, when the command returns, DDP's reducer destroys its gloo process group, whose
+    destructor joins threads waiting on a peer that may have exited already: the process hung there for ever
+    (seen in CI, 2 CPU processes, after final/ was saved)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _kept_until_exit.append(parts)
+
+
 def end_distributed_run(exit_code: int) -> None:
     """With several processes, once all finished together (the last save done): leave the process group and
     exit at once. Left to interpreter shutdown, gloo's threads outlive destroy_process_group and can abort
@@ -44,6 +56,7 @@ def end_distributed_run(exit_code: int) -> None:
     everything was saved, and the launcher then reports the whole run as failed."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
+    torch.distributed.barrier()  # no process leaves while another still needs it
     torch.distributed.destroy_process_group()
     logging.shutdown()
     sys.stdout.flush()
