@@ -82,8 +82,8 @@ def test_batches_are_the_same_for_every_process_count_and_dealt_out_in_turn(monk
     assert [list(b) for b in evaluation.batches(3, 1, 4)] == [[0], [1], [2]]  # at least one prompt a batch
     rows = [{"prompt": f"say the word {w}"} for w in ["cat", "dog", "red", "blue", "one", "two", "three"]]
     tokenizer = SimpleNamespace(pad_token_id=0)
-    monkeypatch.setattr(evaluation, "tokenize_prompts", lambda prompts, *_: SimpleNamespace(
-        pairs=[[1]] * len(prompts), truncated=0))  # fmt: skip
+    monkeypatch.setattr(evaluation, "tokenize_rows", lambda rows, *_: SimpleNamespace(
+        pairs=[[1]] * len(rows), truncated=0))  # fmt: skip
     recipe = load_recipe(ROOT / "recipes/grpo-demo.yaml", ["eval.num_samples=2", "eval.batch_size=4"])
     sets = {(kind, rank): evaluation.EvalSet(rows, tokenizer, recipe, 64, accelerator(rank, 3, kind))
             for kind in ("MULTI_CPU", "FSDP") for rank in range(3)}  # fmt: skip

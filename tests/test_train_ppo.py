@@ -289,7 +289,9 @@ def prompt_batches_warning(write_recipe, llama_dir, capsys, max_length: int, cha
     accelerator = SimpleNamespace(is_main_process=True, process_index=0, num_processes=1, device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     schedule = rl_setup.schedule_of(recipe, "ppo")
-    train_ppo.PromptBatches([{"prompt": "what about the cat ?"}], tokenizer, recipe, schedule, accelerator)
+    rows = [{"prompt": "what about the cat ?"}]
+    prompts = rl_setup.tokenize_rows(rows, tokenizer, recipe)
+    train_ppo.PromptBatches(rows, prompts, tokenizer.pad_token_id, recipe, schedule, accelerator)
     return capsys.readouterr().err.strip()
 
 

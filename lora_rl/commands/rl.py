@@ -34,10 +34,18 @@ from lora_rl.rl.loop import (
     update_kl,
 )
 from lora_rl.rl.objectives import objective_for
-from lora_rl.rl.rewards import RewardTerm, StepState
+from lora_rl.rl.rewards import StepState
 from lora_rl.rl.roles import ActorCritic, Roles
 from lora_rl.rl.rollout import collect
-from lora_rl.rl.setup import Schedule, chat_template_warnings, check_inputs, check_launch, schedule_of, setup_roles
+from lora_rl.rl.setup import (
+    Inputs,
+    Schedule,
+    chat_template_warnings,
+    check_inputs,
+    check_launch,
+    schedule_of,
+    setup_roles,
+)
 from lora_rl.training import checkpoint, distributed, guards, trackers
 from lora_rl.training import lock as run_lock
 from lora_rl.training import resume as resuming
@@ -58,13 +66,13 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     recipe file is, searched first for reward.function's module.
     """
     # 1. Everything that can be wrong with the input, before any model loads.
-    recipe, rows, eval_rows, terms = check_inputs(recipe, recipe_dir, command)
-    schedule = schedule_of(recipe, command)
+    inputs = check_inputs(recipe, recipe_dir, command)
+    recipe, schedule = inputs.recipe, schedule_of(inputs.recipe, command)
     if finished := resuming.finished_run(recipe, resume):
         return finished
     resume_dir = resuming.find_resume(recipe, resume, allow_changes)
     # 2. One base, every role (the policy, value head and critic from the checkpoint when resuming).
-    trainer = setup(recipe, rows, eval_rows, terms, schedule, overwrite, resume, resume_dir)
+    trainer = setup(inputs, schedule, overwrite, resume, resume_dir)
     # 3. The updates, then the final adapter.
     trainer.train()
     final = trainer.save("final", schedule.updates)
@@ -79,10 +87,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: str | None = None, allo
     return final
 
 
-def setup(recipe: Recipe, rows: list[dict], eval_rows: list[dict], terms: list[RewardTerm] | None,
-          schedule: Schedule, overwrite: bool, resume: str | None, resume_dir: Path | None) -> Trainer:  # fmt: skip
+def setup(inputs: Inputs, schedule: Schedule, overwrite: bool, resume: str | None, resume_dir: Path | None) -> Trainer:
     """The accelerator, the output directory, the model serving every role, the optimizer, the prompt batches and
-    the held-out prompts; restored from `resume_dir` when resuming."""
+    the held-out prompts (from check_inputs' `inputs`); restored from `resume_dir` when resuming."""
+    recipe, rows, eval_rows, terms = inputs.recipe, inputs.rows, inputs.eval_rows, inputs.terms
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -106,8 +114,9 @@ def setup(recipe: Recipe, rows: list[dict], eval_rows: list[dict], terms: list[R
     trained, optimizer = accelerator.prepare(actor_critic, make_optimizer(params, recipe.train))
     scheduler = make_scheduler(optimizer, recipe.train, schedule.optimizer_steps(recipe.train))
     roles.place(accelerator.device)
+    batches = PromptBatches(rows, inputs.prompts, built.tokenizer.pad_token_id, recipe, schedule, accelerator)
     trainer = Trainer(accelerator, recipe, schedule, out, built, roles, actor_critic, trained, optimizer, scheduler,
-                      objective, PromptBatches(rows, built.tokenizer, recipe, schedule, accelerator))  # fmt: skip
+                      objective, batches)  # fmt: skip
     if eval_rows:
         trainer.evalset = evaluation.EvalSet(eval_rows, built.tokenizer, recipe, schedule.completions, accelerator)
     # Each process samples its own completions: same weights (DDP broadcast rank 0's), its own sampling stream.

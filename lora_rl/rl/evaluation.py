@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from lora_rl import display
-from lora_rl.data import pad, tokenize_prompts
+from lora_rl.data import pad
 from lora_rl.recipe import EvalConfig, GenerationConfig, Recipe
 from lora_rl.rl import ppo, samples
-from lora_rl.rl.loop import truncation_warning
+from lora_rl.rl.loop import warn_truncated
 from lora_rl.rl.rewards import RewardError, StepState
 from lora_rl.rl.roles import Roles
 from lora_rl.rl.rollout import decode, generate, score
+from lora_rl.rl.setup import tokenize_rows
 from lora_rl.training.distributed import on_any_process, reshard
 
 FILE = "eval_samples.jsonl"
@@ -50,11 +50,8 @@ class EvalSet:
     `mine`: the numbers of this process's batches."""
 
     def __init__(self, rows: list[dict], tokenizer, recipe: Recipe, completions_per_update: int, accelerator):
-        prompts = [row["prompt"] for row in rows]
-        templated = recipe.generation.chat_template or bool(prompts and isinstance(prompts[0], list))
-        tokenized = tokenize_prompts(prompts, tokenizer, recipe.data.max_length, templated)
-        if tokenized.truncated and accelerator.is_main_process:
-            display.print_warnings(["eval: " + truncation_warning(tokenized, recipe.data.max_length, templated)])
+        tokenized = tokenize_rows(rows, tokenizer, recipe)
+        warn_truncated(tokenized, recipe, accelerator.is_main_process, "eval: ")
         self.rows, self.ids, self.pad_id = rows, tokenized.pairs, tokenizer.pad_token_id
         self.samples = recipe.eval.num_samples
         self.batches = batches(len(rows), recipe.eval.batch_size or completions_per_update, self.samples)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_rl import display
-from lora_rl.data import Tokenized, pad, tokenize_prompts
+from lora_rl.data import Tokenized, pad
 from lora_rl.models.build import (
     Built,
     base_fingerprint,
@@ -56,13 +56,11 @@ class PromptBatches:
     the processes in turn, so the data position is (epoch, offset) for every process count. Each prompt
     comes `generations` times in a row (grpo's group; 1 for ppo)."""
 
-    def __init__(self, rows: list[dict], tokenizer, recipe: Recipe, schedule: Schedule, accelerator):
-        prompts = [row["prompt"] for row in rows]
-        templated = recipe.generation.chat_template or bool(prompts and isinstance(prompts[0], list))
-        tokenized = tokenize_prompts(prompts, tokenizer, recipe.data.max_length, templated)
-        if tokenized.truncated and accelerator.is_main_process:
-            display.print_warnings([truncation_warning(tokenized, recipe.data.max_length, templated)])
-        self.rows, self.ids, self.pad_id = rows, tokenized.pairs, tokenizer.pad_token_id
+    def __init__(self, rows: list[dict], prompts: Tokenized, pad_id: int, recipe: Recipe, schedule: Schedule,
+                 accelerator):  # fmt: skip
+        """`prompts`: the rows' token ids (setup.tokenize_rows, done once by check_inputs)."""
+        warn_truncated(prompts, recipe, accelerator.is_main_process)
+        self.rows, self.ids, self.pad_id = rows, prompts.pairs, pad_id
         self.size, self.repeat, self.seed = schedule.prompts, schedule.generations, recipe.seed
         self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
@@ -77,6 +75,13 @@ class PromptBatches:
         position.offset += per_update
         ids, mask = pad([self.ids[i] for i in chosen], self.pad_id, "left")  # generation continues at the end
         return [self.rows[i] for i in chosen], ids.to(self.device), mask.to(self.device)
+
+
+def warn_truncated(tokenized: Tokenized, recipe: Recipe, main: bool, what: str = "") -> None:
+    """On the main process, the truncation warning when prompts exceed data.max_length (`what`: a prefix)."""
+    if tokenized.truncated and main:
+        templated = recipe.generation.chat_template
+        display.print_warnings([what + truncation_warning(tokenized, recipe.data.max_length, templated)])
 
 
 def truncation_warning(tokenized: Tokenized, max_length: int, templated: bool) -> str:

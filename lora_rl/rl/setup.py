@@ -80,6 +80,7 @@ def schedule_of(recipe: Recipe, command: str) -> Schedule:
 class Inputs(NamedTuple):
     recipe: Recipe  # as it will run (see `with_chat_prompts`)
     rows: list[dict]  # the training prompts
+    prompts: Tokenized  # their token ids, as the policy reads them (tokenize_rows)
     eval_rows: list[dict]  # the held-out prompts (data.eval_path or data.eval_fraction); [] without
     terms: list[RewardTerm] | None  # the reward functions, or None (a reward adapter or model)
 
@@ -98,28 +99,35 @@ def check_inputs(recipe: Recipe, recipe_dir: Path | None = None, command: str = 
     rows, eval_rows = load_split(recipe)
     check_reward_model_reads_the_prompts(recipe, rows)
     resolved = with_chat_prompts(recipe, rows)
-    check_prompts(resolved, rows)
+    prompts = check_prompts(resolved, rows)
     terms = import_rewards(recipe, rows, recipe_dir)
     if eval_rows and recipe.data.eval_path:
         check_eval_rows(recipe, rows, eval_rows, terms)
-    return Inputs(resolved, rows, eval_rows, terms)
+    return Inputs(resolved, rows, prompts, eval_rows, terms)
 
 
-def check_prompts(recipe: Recipe, rows: list[dict]) -> None:
+def tokenize_rows(rows: list[dict], tokenizer, recipe: Recipe, template: str = "the chat template") -> Tokenized:
+    """The rows' prompts as the policy reads them: through the chat template when the resolved recipe says so
+    (with_chat_prompts sets it for chat-message prompts), cut to data.max_length."""
+    return tokenize_prompts([row["prompt"] for row in rows], tokenizer, recipe.data.max_length,
+                            recipe.generation.chat_template, template)  # fmt: skip
+
+
+def check_prompts(recipe: Recipe, rows: list[dict]) -> Tokenized:
     """Every prompt as the policy and a chat-templated reward.model will read it, before any weights load (the
     tokenizers are cheap): each chat template rendered (one that raises for a prompt names its rows), and the
-    longest sequence against the policy's context window."""
+    longest sequence against the policy's context window. Returns the policy's token ids: the loop trains on them."""
     cfg, path = recipe.actor.model, recipe.data.train_path
     prompts, tokenizer = [row["prompt"] for row in rows], load_tokenizer(resolve_path(cfg), cfg)
     with rows_of(path):
-        tokenized = tokenize_prompts(prompts, tokenizer, recipe.data.max_length, recipe.generation.chat_template,
-                                     "the chat template of actor.model.path")  # fmt: skip
+        tokenized = tokenize_rows(rows, tokenizer, recipe, "the chat template of actor.model.path")
     reward = dataclasses.replace(cfg, path=recipe.reward.model) if recipe.reward.model else None
     if reward and trained_chat_template(resolve_path(reward), "data.chat_template"):  # how load_reward_model reads
         with rows_of(path):
             prompt_ids(load_tokenizer(resolve_path(reward), reward, "reward.model"), prompts, True,
                        template="the chat template of reward.model")  # fmt: skip
     check_context(recipe, tokenized)
+    return tokenized
 
 
 def check_context(recipe: Recipe, prompts: Tokenized) -> None:
@@ -230,9 +238,8 @@ def eval_problems(recipe: Recipe) -> list[str]:
                     if getattr(recipe.eval, f.name) != getattr(default, f.name)]  # fmt: skip
         return [f"{name}: set, but there are no held-out prompts to evaluate on: set data.eval_path or "
                 "data.eval_fraction" for name in changed]  # fmt: skip
-    wanted, reward = recipe.eval.pass_function, recipe.reward
-    specs = [reward.function] if reward.function else [f.function for f in reward.functions or []]
-    names = [spec.rpartition(":")[2] for spec in specs]
+    wanted = recipe.eval.pass_function
+    names = [spec.rpartition(":")[2] for spec, _ in reward_specs(recipe)]
     if wanted is not None and wanted not in names:
         found = f"the reward functions are {', '.join(names)}" if names else "the reward is not a function"
         return [f"eval.pass_function: got {wanted!r}; expected the name of a reward function ({found})"]
@@ -261,10 +268,15 @@ def check_launch(accelerator, recipe: Recipe, schedule: Schedule, prompts: int) 
         raise RecipeError(problems)
 
 
+def reward_specs(recipe: Recipe) -> list[tuple[str, float]]:
+    """(module:function, weight) of reward.function or each of reward.functions; [] for an adapter or model."""
+    reward = recipe.reward
+    return [(reward.function, 1.0)] if reward.function else [(f.function, f.weight) for f in reward.functions or []]
+
+
 def import_rewards(recipe: Recipe, rows: list[dict], recipe_dir: Path | None = None) -> list[RewardTerm] | None:
     """reward.function or reward.functions, imported (recipe_dir first) and checked against the data's columns."""
-    reward = recipe.reward
-    specs = [(reward.function, 1.0)] if reward.function else [(f.function, f.weight) for f in reward.functions or []]
+    specs = reward_specs(recipe)
     if not specs:
         return None
     terms = [RewardTerm(import_reward_function(spec, recipe_dir), weight, spec.rpartition(":")[2])
