@@ -109,27 +109,38 @@ def worker_pids(output_dir: Path) -> dict[int, int]:
     return pids
 
 
-def test_ctrl_c_reaching_one_process_stops_all_at_the_same_step(tmp_path):
-    """accelerate's agent forwards Ctrl-C to each worker on its own, so they may see it a step apart; here only
-    process 1 gets it. All processes must save the same checkpoint (its writing takes collectives) and stop."""
-    out = tmp_path / "run"
-    settings = ["train-reward", str(ROOT / "recipes/reward-demo.yaml"), "train.save_every=0", "train.eval_every=0",
-                "train.max_steps=150", "train.log_every=1"]  # fmt: skip
-    process = subprocess.Popen(**command(2, *settings, f"output_dir={out}"), stdout=subprocess.PIPE,
+SIGNALLED = ["train-reward", str(ROOT / "recipes/reward-demo.yaml"), "train.save_every=0", "train.eval_every=0",
+             "train.max_steps=150", "train.log_every=1"]  # fmt: skip
+
+
+def signalled_run(out: Path, targets, signum: int) -> tuple[subprocess.Popen, str]:
+    """SIGNALLED on 2 processes into `out`; after 5 logged steps, `signum` to each pid `targets(process)` names.
+    The launcher and its workers (sessions of their own) are killed if they do not end in 120 s: processes that
+    disagree wait in a collective forever."""
+    process = subprocess.Popen(**command(2, *SIGNALLED, f"output_dir={out}"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     try:
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 5):
             assert process.poll() is None, process.communicate()
             time.sleep(0.1)
-        os.kill(worker_pids(out)[1], signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)  # processes that disagree wait in a collective forever
+        for pid in targets(process):
+            os.kill(pid, signum)
+        _, stderr = process.communicate(timeout=120)
     finally:
-        if process.poll() is None:  # the workers run in sessions of their own
+        if process.poll() is None:
             for pid in [*worker_pids(out).values(), process.pid]:
                 os.kill(pid, signal.SIGKILL)
+    return process, stderr
+
+
+def test_ctrl_c_reaching_one_process_stops_all_at_the_same_step(tmp_path):
+    """accelerate's agent forwards Ctrl-C to each worker on its own, so they may see it a step apart; here only
+    process 1 gets it. All processes must save the same checkpoint (its writing takes collectives) and stop."""
+    out = tmp_path / "run"
+    _, stderr = signalled_run(out, lambda process: [worker_pids(out)[1]], signal.SIGINT)
     saved = [p.name for p in out.glob("checkpoint-*")]
     assert len(saved) == 1 and stderr.count(f"interrupted at step {saved[0].split('-')[1]}; saved") == 2, stderr
-    resumed = launch(2, *settings, f"output_dir={out}", "--resume", "auto")
+    resumed = launch(2, *SIGNALLED, f"output_dir={out}", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [m["step"] for m in metrics(out) if m["split"] == "train"] == list(range(1, 151))
 
@@ -140,21 +151,8 @@ def test_sigterm_to_the_launcher_saves_on_every_process(tmp_path, workers_too):
     passes it on), and with cgroup process tracking to every worker too: the agent forwards it, each worker sees it
     once or twice, and all save one checkpoint, then stop; the launcher ends with 143 (128 + SIGTERM)."""
     out = tmp_path / "run"
-    settings = ["train-reward", str(ROOT / "recipes/reward-demo.yaml"), "train.save_every=0", "train.eval_every=0",
-                "train.max_steps=150", "train.log_every=1"]  # fmt: skip
-    process = subprocess.Popen(**command(2, *settings, f"output_dir={out}"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
-    try:
-        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 5):
-            assert process.poll() is None, process.communicate()
-            time.sleep(0.1)
-        for pid in [process.pid, *(worker_pids(out).values() if workers_too else [])]:
-            os.kill(pid, signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:  # the workers run in sessions of their own
-            for pid in [*worker_pids(out).values(), process.pid]:
-                os.kill(pid, signal.SIGKILL)
+    targets = lambda process: [process.pid, *(worker_pids(out).values() if workers_too else [])]  # noqa: E731
+    process, stderr = signalled_run(out, targets, signal.SIGTERM)
     assert process.returncode == 143, stderr[-3000:]
     saved = [p.name for p in out.glob("checkpoint-*")]
     assert len(saved) == 1 and stderr.count(f"SIGTERM: stopped at step {saved[0].split('-')[1]}; saved") == 2
