@@ -19,6 +19,7 @@ from lora_rl.recipe import load_recipe
 from lora_rl.training.checkpoint import verify
 from lora_rl.training.lock import LOCK
 from lora_rl.training.resume import checkpoints
+from tests.test_files_safety import SIGTERM_HOLD  # a run holding its lock, then sleeping
 from tests.test_resume import ROOT, reward_recipe
 
 
@@ -69,18 +70,6 @@ def test_grpo_saves_on_sigterm(tmp_path):
     assert f"SIGTERM: stopped at step {verify(saved)['step']}; saved {saved}" in stderr
 
 
-HOLD = """
-import sys, time
-from lora_rl.training import run_dir
-from lora_rl.training import lock as run_lock
-from lora_rl.recipe import load_recipe
-@run_lock.releases_lock
-def run():
-    run_dir.start_run_dir(sys.argv[2], load_recipe(sys.argv[1]), overwrite=False)
-    print("locked", flush=True)
-    time.sleep(120)
-run()
-"""
 
 
 @pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
@@ -89,8 +78,8 @@ def test_a_signal_before_the_training_loop_releases_the_lock_and_ends_at_once(wr
     the signal ends it."""
     path = write_recipe({})
     out = Path(load_recipe(path).output_dir)
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(path), str(out)], stdout=subprocess.PIPE, text=True,
-                               cwd=ROOT)  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", SIGTERM_HOLD, str(path), str(out)], stdout=subprocess.PIPE,
+                               text=True, cwd=ROOT)  # fmt: skip
     assert process.stdout.readline() == "locked\n" and (out / LOCK).is_file()
     process.send_signal(sent)
     assert process.wait(timeout=60) == -sent
