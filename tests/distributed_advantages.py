@@ -50,12 +50,17 @@ def part(rank: int, processes: int):
 def main(out: Path) -> None:
     from accelerate import Accelerator
 
+    from lora_rl.training.distributed import end_distributed_run
+
     accelerator = Accelerator()
     found = {}
     for name in SETTINGS:
         batch = rollout(*part(accelerator.process_index, accelerator.num_processes))
         found[name] = objective(name).advantages(accelerator, batch).advantages
     torch.save(found, out / f"rank{accelerator.process_index}.pt")
+    # as the commands end: together, then os._exit; left to interpreter shutdown, gloo's threads can abort a
+    # process (SIGABRT, pytorch/pytorch#179291) after everything was saved, failing the launch (seen in CI)
+    end_distributed_run(0)
 
 
 if __name__ == "__main__":
