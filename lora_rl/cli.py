@@ -319,6 +319,33 @@ def load(
                     chat_template, completion)  # fmt: skip
 
 
+@app.command("eval")
+def evaluate(
+    recipe_or_run: Annotated[
+        Path,
+        typer.Argument(metavar="RECIPE_OR_RUN", help="A ppo/grpo recipe file, a run directory, or an adapter in one.",
+                       show_default=False),
+    ],
+    overrides: OverridesArg = None,
+    adapter: Annotated[
+        list[str] | None, typer.Option("--adapter", help="DIR or NAME=DIR: a policy adapter to evaluate; repeatable.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per model instead of the table.")] = False,
+) -> None:
+    """Evaluate the base and policy adapters on the recipe's held-out prompts, side by side.
+
+    The evaluation ppo and grpo run every train.eval_every updates, on its own: data.eval_path (or
+    data.eval_fraction), greedy or eval.num_samples completions each, scored by the recipe's reward; eval/reward,
+    eval/reward/<fn>, eval/pass@k, eval/response_length for the base (adapters off) and each adapter. A run
+    directory brings its recipe.yaml and every adapter in it (checkpoint-N/, best/, final/); --adapter replaces
+    those. Writes nothing.
+    """
+    with user_errors():
+        from lora_rl.commands import evaluate as command
+
+        command.run(recipe_or_run, overrides or [], adapter or [], as_json)
+
+
 @app.command()
 def plot(
     run_dirs: Annotated[

@@ -263,7 +263,8 @@ def test_evaluation_on_two_processes_equals_one_under_ddp_and_fsdp(tmp_path):
     1 on process 1, which under FSDP runs one more whose results it drops); gathered, they equal one process's, to
     the byte. Every run must evaluate the same policy: a learning rate of 1e-30 moves a fresh adapter (B = 0) by
     far less than float32 rounding of any layer's output, so the policy stays the base (every evaluation of a run
-    the same shows it), while the training around it runs as usual."""
+    the same shows it), while the training around it runs as usual. `lora-rl eval` of the run on two processes gives
+    the run's figures for the base and final/ alike."""
     from tests.test_fsdp import launch as launch_fsdp
 
     rows = [json.loads(line) for line in (ROOT / "recipes/data/grpo-demo.jsonl").read_text().splitlines()[:5]]
@@ -289,3 +290,10 @@ def test_evaluation_on_two_processes_equals_one_under_ddp_and_fsdp(tmp_path):
         assert (tmp_path / other / "eval_samples.jsonl").read_text() == written, other
         assert evaluated(tmp_path / other) == evaluated(tmp_path / "one"), other
     assert two.stdout.count("update 2: eval reward") == 1  # the main process alone says it
+    # `lora-rl eval` of the run on two processes: the run's own figures for final/, the same for the base
+    evaluated_apart = launch(2, "eval", str(tmp_path / "one"), "--json", timeout=300)
+    assert evaluated_apart.returncode == 0, evaluated_apart.stderr[-2000:]
+    found = [json.loads(line) for line in evaluated_apart.stdout.splitlines() if line.startswith("{")]
+    assert [f["model"] for f in found] == ["base", "final"]
+    for model in found:
+        assert {k: v for k, v in model.items() if k.startswith("eval/")} == evaluated(tmp_path / "one")[-1]

@@ -275,7 +275,8 @@ def test_save_best_saves_when_the_metric_beats_every_earlier_evaluation(monkeypa
     monkeypatch.setattr(rl_command, "save_policy", lambda *args, extra: saved.append((args[6], extra["best"])))
     recipe = load_recipe(ROOT / "recipes/grpo-demo.yaml", ["train.save_best=eval/pass@1"])
     trainer = SimpleNamespace(recipe=recipe, position=Position(), out=tmp_path, main=False, progress=None,
-                              accelerator=None, trained=None, roles=None, built=None)  # fmt: skip
+                              accelerator=None, trained=None, roles=None, built=None,
+                              schedule=SimpleNamespace(command="grpo"))  # fmt: skip
     for update, value in enumerate([0.2, 0.5, 0.5, 0.1, 0.7, None], start=1):
         rl_command.Trainer.keep_best(trainer, update, {} if value is None else {"eval/pass@1": value})
     assert saved == [(update, {"metric": "eval/pass@1", "value": value, "update": update})

@@ -119,6 +119,15 @@ def read_adapter(directory: Path, base: str | Path | None = None) -> AdapterSpec
     return AdapterSpec(directory, config, manifest, base_path, TASKS[config.get("task_type")], weights, header)
 
 
+def refuse_misfit(spec: AdapterSpec, config, layout: streaming_merge.Layout) -> None:
+    """An adapter made for another base (`config`, `layout`: streaming_merge.model_layout) is refused before
+    anything runs (peft would only warn)."""
+    refuse_other_base(spec, config)
+    problems = streaming_merge.adapter_parts(spec.header, spec.config, layout).problems
+    if problems:
+        raise ModelError(f"{spec.directory} does not fit the base: {streaming_merge.first_few(problems)}")
+
+
 def resolve_base(name: str | Path | None, where: str) -> Path:
     """The base's local directory; nothing is downloaded."""
     if not name:

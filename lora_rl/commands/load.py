@@ -23,7 +23,7 @@ from torch import nn
 from lora_rl import display
 from lora_rl.adapters import merge
 from lora_rl.adapters.merge import AdapterSpec
-from lora_rl.adapters.streaming_merge import adapter_parts, first_few, model_layout, reward_labels
+from lora_rl.adapters.streaming_merge import model_layout, reward_labels
 from lora_rl.data import DataError, check_chat_template, pad, prompt_ids, reward_pair_ids
 from lora_rl.models.build import ModelError, classifier_head_name, load_tokenizer, quiet_transformers
 from lora_rl.models.lm_head import only_given_sampling
@@ -108,8 +108,9 @@ def run(base_or_adapter: str | Path, adapters: list[str], prompts: list[str], pr
 
     # 2. The base, once; every adapter checked against it, then attached.
     model = load_base(base, tokenizer, specs, score)
+    layout = model_layout(model)
     for spec in specs.values():
-        refuse_misfit(spec, model)
+        merge.refuse_misfit(spec, model.config, layout)
     head = classifier_head_name(model) if score else None  # found before peft wraps the head
     model = attach(model, specs)
 
@@ -248,14 +249,6 @@ def load_base(base: Path, tokenizer, specs: dict[str, AdapterSpec], score: bool)
         else:
             model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     return model.to(device).eval()
-
-
-def refuse_misfit(spec: AdapterSpec, model: nn.Module) -> None:
-    """An adapter made for another base is refused before anything runs (peft would only warn)."""
-    merge.refuse_other_base(spec, model.config)
-    problems = adapter_parts(spec.header, spec.config, model_layout(model)).problems
-    if problems:
-        raise ModelError(f"{spec.directory} does not fit the base: {first_few(problems)}")
 
 
 def attach(model: nn.Module, specs: dict[str, AdapterSpec]) -> nn.Module:

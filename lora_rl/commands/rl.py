@@ -196,8 +196,8 @@ class Trainer:
         def write_state(tmp: Path) -> None:
             run_state.write_state(tmp, optimizer_state, state, self.generators, rng)
 
-        directory = save_policy(self.accelerator, self.trained, self.roles, self.built, self.recipe,
-                                self.out / name, update, write_state)  # fmt: skip
+        directory = save_policy(self.accelerator, self.trained, self.roles, self.built, self.recipe, self.out / name,
+                                update, write_state, extra={"command": self.schedule.command})  # fmt: skip
         if self.main:
             resuming.rotate(self.out, self.recipe.train.save_total_limit)
         return directory
@@ -276,7 +276,7 @@ class Trainer:
         position.best, position.best_update = value, update
         best = {"metric": name, "value": value, "update": update}
         save_policy(self.accelerator, self.trained, self.roles, self.built, self.recipe, self.out / BEST, update,
-                    lambda tmp: None, extra={"best": best})  # fmt: skip
+                    lambda tmp: None, extra={"best": best, "command": self.schedule.command})  # fmt: skip
         if self.main:
             line = f"update {update}: best {name} so far ({value:.4g}); saved {self.out / BEST}"
             (self.progress.note if self.progress else display.console.print)(line)

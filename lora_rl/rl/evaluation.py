@@ -30,7 +30,7 @@ from lora_rl.recipe import EvalConfig, GenerationConfig, Recipe
 from lora_rl.rl import ppo, samples
 from lora_rl.rl.loop import warn_truncated
 from lora_rl.rl.rewards import RewardError, StepState
-from lora_rl.rl.roles import Roles
+from lora_rl.rl.roles import POLICY, Roles
 from lora_rl.rl.rollout import decode, generate, score
 from lora_rl.rl.setup import tokenize_rows
 from lora_rl.training.distributed import on_any_process, reshard
@@ -70,12 +70,14 @@ def batches(prompts: int, completions: int, samples: int) -> list[range]:
 
 
 def complete(roles: Roles, tokenizer, evalset: EvalSet, cfg: GenerationConfig, seed: int, state: StepState,
-             device: torch.device, progress: Callable[[int, int], None] | None = None) -> list[Completion]:  # fmt: skip
-    """This process's batches: generated and scored. Run inside the prepared module's forward (FSDP)."""
+             device: torch.device, progress: Callable[[int, int], None] | None = None,
+             adapter: str | None = POLICY) -> list[Completion]:  # fmt: skip
+    """This process's batches: generated (by `adapter`; None: the base) and scored. Run inside the prepared module's
+    forward (FSDP)."""
     numbers = evalset.mine + [(evalset.mine or [0])[-1]] * max(0, evalset.rounds - len(evalset.mine))
     found: list[Completion] = []
     for done, number in enumerate(numbers, start=1):
-        results = complete_batch(roles, tokenizer, evalset, number, cfg, seed, state, device)
+        results = complete_batch(roles, tokenizer, evalset, number, cfg, seed, state, device, adapter)
         if done <= len(evalset.mine):  # not a repeat run only to keep FSDP's processes in step
             found += results
         if progress is not None:
@@ -85,14 +87,16 @@ def complete(roles: Roles, tokenizer, evalset: EvalSet, cfg: GenerationConfig, s
 
 @torch.no_grad()
 def complete_batch(roles: Roles, tokenizer, evalset: EvalSet, number: int, cfg: GenerationConfig, seed: int,
-                   state: StepState, device: torch.device) -> list[Completion]:  # fmt: skip
+                   state: StepState, device: torch.device, adapter: str | None = POLICY,
+                   ) -> list[Completion]:  # fmt: skip
     """Batch `number`: each prompt's completions (greedy, or sampled from seed + number), scored."""
     k = evalset.samples
     chosen = [i for i in evalset.batches[number] for _ in range(k)]
     prompt_ids, prompt_mask = (t.to(device) for t in pad([evalset.ids[i] for i in chosen], evalset.pad_id, "left"))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's streams untouched
         torch.manual_seed(seed + number)
-        responses, _ = generate(roles, tokenizer, prompt_ids, prompt_mask, cfg, greedy=k == 1, hidden=False)
+        responses, _ = generate(roles, tokenizer, prompt_ids, prompt_mask, cfg, greedy=k == 1, hidden=False,
+                                adapter=adapter)  # fmt: skip
     eos = ppo.response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     input_ids = torch.cat([prompt_ids, responses], dim=1)
     attention_mask = torch.cat([prompt_mask, eos.mask.long()], dim=1)

@@ -40,10 +40,11 @@ class Timings(NamedTuple):
 
 @torch.no_grad()
 def generate(roles: Roles, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: GenerationConfig,
-             greedy: bool = False, hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+             greedy: bool = False, hidden: bool = True, adapter: str | None = POLICY,
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """(B, P) left-padded prompts -> (B, R) sampled responses (greedy: the likeliest token at each step), and
     (B, R, H) the policy's last hidden state before each of them: the LM head's input at each step (KV cache;
-    stops once every row has EOS); None without `hidden`."""
+    stops once every row has EOS); None without `hidden`. `adapter`: the one generating (None: adapters off)."""
     roles.model.eval()
     steps = []
     record = None
@@ -52,7 +53,7 @@ def generate(roles: Roles, tokenizer, prompt_ids: torch.Tensor, prompt_mask: tor
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": cfg.temperature,
                                                     "top_k": cfg.top_k or None, "top_p": cfg.top_p}  # fmt: skip
     try:
-        with roles.use(POLICY), only_given_sampling(roles.model):
+        with roles.use(adapter), only_given_sampling(roles.model):
             sequences = roles.model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=cfg.max_new_tokens, use_cache=True,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,

@@ -91,11 +91,7 @@ def check_inputs(recipe: Recipe, recipe_dir: Path | None = None, command: str = 
     (and their arguments against each data file's columns)."""
     check_recipe(recipe, command)
     trackers.check_trackers(recipe)
-    check_model_files(recipe, causal_lm=True)
-    if recipe.reward.adapter:
-        checkpoint.read_adapter_config(Path(recipe.reward.adapter))
-    if recipe.reward.model:
-        check_model_dir(recipe.reward.model, recipe.actor.model, "reward.model")
+    check_model_and_reward_files(recipe)
     rows, eval_rows = load_split(recipe)
     check_reward_model_reads_the_prompts(recipe, rows)
     resolved = with_chat_prompts(recipe, rows)
@@ -104,6 +100,36 @@ def check_inputs(recipe: Recipe, recipe_dir: Path | None = None, command: str = 
     if eval_rows and recipe.data.eval_path:
         check_eval_rows(recipe, rows, eval_rows, terms)
     return Inputs(resolved, rows, prompts, eval_rows, terms)
+
+
+def check_eval_inputs(recipe: Recipe, recipe_dir: Path | None = None,
+                      ) -> tuple[Recipe, list[dict], list[RewardTerm] | None]:  # fmt: skip
+    """What `lora-rl eval` reads of a ppo or grpo recipe, checked as those commands check it, before any model
+    loads: the model and reward files, one reward source, the held-out prompts (required) and the reward functions'
+    arguments against their columns. The training settings are not read. -> (the recipe as it will run, the
+    held-out rows, the reward functions or None)"""
+    problems = reward_problems(recipe) + eval_problems(recipe)
+    if not (recipe.data.eval_path or recipe.data.eval_fraction):
+        problems.append("data.eval_path: got null; eval needs held-out prompts: set data.eval_path (a file of "
+                        "prompts) or data.eval_fraction (of data.train_path)")  # fmt: skip
+    elif recipe.data.eval_fraction and recipe.data.train_path is None:
+        problems.append("data.eval_fraction: holds out a share of data.train_path, which is null")
+    if problems:
+        raise RecipeError(problems)
+    check_model_and_reward_files(recipe)
+    rows, eval_rows = load_split(recipe)
+    check_reward_model_reads_the_prompts(recipe, eval_rows)
+    resolved = with_chat_prompts(recipe, eval_rows)
+    return resolved, eval_rows, import_rewards(recipe, eval_rows, recipe_dir)
+
+
+def check_model_and_reward_files(recipe: Recipe) -> None:
+    """The base, the adapter to continue, and the reward adapter or model: each readable and fitting."""
+    check_model_files(recipe, causal_lm=True)
+    if recipe.reward.adapter:
+        checkpoint.read_adapter_config(Path(recipe.reward.adapter))
+    if recipe.reward.model:
+        check_model_dir(recipe.reward.model, recipe.actor.model, "reward.model")
 
 
 def tokenize_rows(rows: list[dict], tokenizer, recipe: Recipe, template: str = "the chat template") -> Tokenized:
@@ -195,12 +221,7 @@ def with_chat_prompts(recipe: Recipe, rows: list[dict]) -> Recipe:
 
 def check_recipe(recipe: Recipe, command: str = "ppo") -> None:
     """The command's problems with the recipe, all at once, before any model loads."""
-    problems = unread_settings(recipe, command)
-    reward_keys = [k for k in ("adapter", "model", "function", "functions") if getattr(recipe.reward, k) is not None]
-    if len(reward_keys) != 1:
-        found = ", ".join(f"reward.{k}" for k in reward_keys) or "none"
-        problems.append("reward: set exactly one of reward.adapter, reward.model, reward.function, reward.functions "
-                        f"(found: {found})")  # fmt: skip
+    problems = unread_settings(recipe, command) + reward_problems(recipe)
     if recipe.data.train_path is None:
         problems.append("data.train_path: got null; expected a file of prompts (a 'prompt' column)")
     schedule = schedule_of(recipe, command)
@@ -223,6 +244,16 @@ def check_recipe(recipe: Recipe, command: str = "ppo") -> None:
         )
     if problems:
         raise RecipeError(problems)
+
+
+def reward_problems(recipe: Recipe) -> list[str]:
+    """The reward comes from exactly one source."""
+    reward_keys = [k for k in ("adapter", "model", "function", "functions") if getattr(recipe.reward, k) is not None]
+    if len(reward_keys) == 1:
+        return []
+    found = ", ".join(f"reward.{k}" for k in reward_keys) or "none"
+    return [f"reward: set exactly one of reward.adapter, reward.model, reward.function, reward.functions (found: "
+            f"{found})"]  # fmt: skip
 
 
 def eval_problems(recipe: Recipe) -> list[str]:
@@ -306,11 +337,7 @@ def setup_roles(built: Built, recipe: Recipe, terms: list[RewardTerm] | None, sc
         if objective.needs_reference:
             reference_model = load_base(built.report.base_path, cfg, "causal-lm", built.tokenizer).requires_grad_(False)
         roles = Roles(model, value_head, None, None, reference_model=reference_model)
-    if recipe.reward.adapter:
-        roles.reward_head = attach_reward_adapter(model, recipe.reward.adapter)
-    elif recipe.reward.model:
-        roles.reward_model, roles.reward_tokenizer, roles.reward_chat_template = load_reward_model(recipe)
-    roles.reward_terms = terms
+    attach_reward(roles, recipe, terms)
     if resume_dir:
         load_critic(roles, resume_dir)
     roles.freeze_plan()
@@ -319,6 +346,16 @@ def setup_roles(built: Built, recipe: Recipe, terms: list[RewardTerm] | None, sc
     if schedule.disable_dropout:
         disable_dropout(model)  # the critic adapter has its own lora_dropout modules: after attach_critic
     return roles
+
+
+def attach_reward(roles: Roles, recipe: Recipe, terms: list[RewardTerm] | None) -> None:
+    """The recipe's one reward source on `roles`: a reward adapter on the shared base (+ its score head), a separate
+    reward model, or the reward functions."""
+    if recipe.reward.adapter:
+        roles.reward_head = attach_reward_adapter(roles.model, recipe.reward.adapter)
+    elif recipe.reward.model:
+        roles.reward_model, roles.reward_tokenizer, roles.reward_chat_template = load_reward_model(recipe)
+    roles.reward_terms = terms
 
 
 def load_critic(roles: Roles, directory: Path) -> None:

@@ -32,6 +32,7 @@ from lora_rl.files import writing
 MANIFEST = "manifest.json"
 FORMAT = "lora-rl-checkpoint/1"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # The safetensors weights peft (adapters) and transformers (models, use_safetensors) read.
 SAFE_WEIGHTS = (ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
