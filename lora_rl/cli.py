@@ -331,6 +331,9 @@ def evaluate(
         list[str] | None, typer.Option("--adapter", help="DIR or NAME=DIR: a policy adapter to evaluate; repeatable.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per model instead of the table.")] = False,
+    completions: Annotated[
+        Path | None, typer.Option("--completions", help="A new JSON-lines file for every completion, by model.")
+    ] = None,
 ) -> None:
     """Evaluate the base and policy adapters on the recipe's held-out prompts, side by side.
 
@@ -338,12 +341,12 @@ def evaluate(
     data.eval_fraction), greedy or eval.num_samples completions each, scored by the recipe's reward; eval/reward,
     eval/reward/<fn>, eval/pass@k, eval/response_length for the base (adapters off) and each adapter. A run
     directory brings its recipe.yaml and every adapter in it (checkpoint-N/, best/, final/); --adapter replaces
-    those. Writes nothing.
+    those. Writes nothing unless --completions FILE.
     """
     with user_errors():
         from lora_rl.commands import evaluate as command
 
-        command.run(recipe_or_run, overrides or [], adapter or [], as_json)
+        command.run(recipe_or_run, overrides or [], adapter or [], as_json, completions)
 
 
 @app.command()

@@ -86,10 +86,20 @@ def test_the_table_and_an_adapter_directory_on_its_own(trained):
                           "response_length", "seconds"]  # fmt: skip
     assert rows["update"] == ["", "2"]
     assert rows["pass@2"][1] == f"{lines[1]['eval/pass@2']:.4g}"  # the run's evaluation at update 2
-    # overrides as for every recipe command: a greedy evaluation
-    code, output = evaluate(str(out / "final"), "eval.num_samples=1", "--json")
+    # overrides as for every recipe command: a greedy evaluation; every completion to a new file
+    written = out.parent / "completions.jsonl"
+    code, output = evaluate(str(out / "final"), "eval.num_samples=1", "--json", "--completions", str(written))
     assert code == 0, output
     assert set(records(output)["final"]) >= {"eval/pass@1", "eval/reward"} and "eval/pass@2" not in output
+    lines = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [(line["model"], line["prompt"]) for line in lines] == [(m, f"say the word {w}") for m in ("base", "final")
+                                                                   for w in ["dog", "cat", "red", "blue", "one"]]
+    assert set(lines[0]) == {"model", "prompt", "completion", "reward", "reward/record", "reward/answer_matches_prompt",
+                             "passed"}  # fmt: skip
+    assert lines[0]["completion"] != lines[5]["completion"] or lines[1]["completion"] != lines[6]["completion"]
+    before = written.read_text()
+    code, output = evaluate(str(out / "final"), "--completions", str(written))
+    assert code == 2 and "exists; give a new file" in output and written.read_text() == before
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ held-out prompts, reward and eval settings, checked as ppo and grpo check them -
 checkpoint-N/, best/ and final/ of a run), each checked against the base -> one base, every adapter loaded onto it
 by name, the reward attached as in training -> for the base (adapters off) and each adapter in turn:
 rl.evaluation's completions and metrics (the same batches and seeds as the run's own evaluations, sharded over the
-processes of `accelerate launch`) -> one table, or one JSON line per model. Writes nothing.
+processes of `accelerate launch`) -> one table, or one JSON line per model; every completion to the
+--completions file when given.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ NAME = re.compile(r"[A-Za-z0-9_-]+")  # peft keeps adapters in ModuleDicts, whos
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
-def run(recipe_or_run: Path, overrides: list[str], adapters: list[str], as_json: bool = False) -> list[dict]:
-    """Evaluate the base and each adapter; print a table (or JSON lines) and return one record per model."""
+def run(recipe_or_run: Path, overrides: list[str], adapters: list[str], as_json: bool = False,
+        completions_file: Path | None = None) -> list[dict]:  # fmt: skip
+    """Evaluate the base and each adapter; print a table (or JSON lines) and return one record per model.
+    `completions_file`: a new file for every completion (model, prompt, completion, rewards, passed)."""
     # 1. Inputs, all checked before the base loads.
+    refuse_existing(completions_file)
     source = Path(recipe_or_run)
     recipe_file, named = recipe_and_adapters(source)
     if adapters and not (source / checkpoint.ADAPTER_CONFIG).is_file():
@@ -73,7 +77,7 @@ def run(recipe_or_run: Path, overrides: list[str], adapters: list[str], as_json:
             return within()
 
     # 3. The base (adapters off), then each adapter.
-    results = []
+    results, written = [], []
     for name in [BASE, *specs]:
         started, spec = time.perf_counter(), specs.get(name)
         with display.Progress(len(evalset.mine), f"eval {name}", enabled=main and not as_json) as bar:
@@ -85,12 +89,26 @@ def run(recipe_or_run: Path, overrides: list[str], adapters: list[str], as_json:
                         "update": spec.manifest.get("step") if spec else None,
                         **evaluation.summarise(completions, recipe.eval),
                         "time_eval": round(time.perf_counter() - started, 3)})  # fmt: skip
+        written += [{"model": name, **line} for line in evaluation.records(completions, eval_rows, recipe.eval, 0)]
     if main:
         print_results(results, recipe, len(eval_rows), as_json)
+        if completions_file is not None:
+            lines = [{k: v for k, v in line.items() if k != "update"} for line in written]
+            checkpoint.write_file_atomically(completions_file, "".join(json.dumps(line) + "\n" for line in lines))
     return results
 
 
 # ---------------------------------------------------------------- inputs
+
+
+def refuse_existing(completions_file: Path | None) -> None:
+    """--completions writes a new file, never over one (eval deletes nothing it did not write)."""
+    if completions_file is None:
+        return
+    if completions_file.exists():
+        raise DataError([f"--completions: {completions_file} exists; give a new file"])
+    if not completions_file.parent.is_dir():
+        raise DataError([f"--completions: {completions_file.parent} is not a directory"])
 
 
 def recipe_and_adapters(path: Path) -> tuple[Path, list[tuple[str, Path]]]:
