@@ -594,6 +594,18 @@ def _check_paths(recipe: Recipe) -> list[str]:
     return problems
 
 
+def held_out_problems(data: DataConfig, settings: list[str], what: str) -> list[str]:
+    """The held-out `what` (prompts, pairs) come from one source, and each of `settings` (keys set that evaluate
+    on them) finds some."""
+    if data.eval_path and data.eval_fraction:
+        return [f"data.eval_path and data.eval_fraction: both set ({data.eval_path}, {data.eval_fraction}); the "
+                f"held-out {what} come from one of them: remove the other"]  # fmt: skip
+    if data.eval_path or data.eval_fraction:
+        return []
+    return [f"{name}: set, but there are no held-out {what} to evaluate on: set data.eval_path or data.eval_fraction"
+            for name in settings]  # fmt: skip
+
+
 def unread_settings(recipe: Recipe, command: str) -> list[str]:
     """One line per key set away from its default that `command` does not read (see `key`'s commands)."""
     problems: list[str] = []

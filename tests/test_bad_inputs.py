@@ -257,6 +257,15 @@ CASES: dict[str, Case] = {
         ["validate", reward_recipe(t), same_pairs(t), "--for", "train-reward"],
         "{t}/same.jsonl: chosen and rejected tokenize to the same ids in all 2 pairs (rows 1, 2): nothing to learn "
         "(loss log 2, accuracy 0); 2 are the same in full (equal texts, or text the tokenizer cannot tell apart)"),
+    "train-reward evaluating every N steps with no held-out pairs": lambda t, a, m: (
+        ["train-reward", reward_recipe(t), "train.eval_every=2"],
+        "train.eval_every: set, but there are no held-out pairs to evaluate on: set data.eval_path or "
+        "data.eval_fraction"),
+    "train-reward with held-out pairs from two sources": lambda t, a, m: (
+        ["train-reward", reward_recipe(t), f"data.eval_path={t}/pairs.jsonl", "data.eval_fraction=0.25"],
+        "data.eval_path and data.eval_fraction: both set"),
+    "eval with a recipe without held-out prompts": lambda t, a, m: (
+        ["eval", ppo_recipe(t)], "eval needs held-out prompts: set data.eval_path"),
     "load with --max-new-tokens 0": lambda t, a, m: (
         ["load", a["policy"], "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: got 0; expected"),
 }  # fmt: skip

@@ -39,7 +39,7 @@ from lora_rl.models.build import (
 )
 from lora_rl.models.context import refuse_overlong
 from lora_rl.models.reward_model import PACKABLE_ATTENTION, RewardModel, bradley_terry, transformers_model
-from lora_rl.recipe import Recipe, RecipeError, unread_settings
+from lora_rl.recipe import Recipe, RecipeError, held_out_problems, unread_settings
 from lora_rl.training import checkpoint, distributed, guards, trackers
 from lora_rl.training import lock as run_lock
 from lora_rl.training import resume as resuming
@@ -283,7 +283,8 @@ def check_inputs(recipe: Recipe) -> Inputs:
     """Every check train-reward makes before it loads a model, also run by `validate --for train-reward`: mixed
     precision, the model and adapter files, the preference pairs, tokenized (the tokenizer is cheap to load) and
     checked against the model's context window; pairs that read the same for chosen and rejected are counted."""
-    if problems := unread_settings(recipe, "train-reward"):
+    evaluating = ["train.eval_every"] if recipe.train.eval_every else []
+    if problems := unread_settings(recipe, "train-reward") + held_out_problems(recipe.data, evaluating, "pairs"):
         raise RecipeError(problems)
     guards.check_mixed_precision(recipe.train.mixed_precision)
     trackers.check_trackers(recipe)

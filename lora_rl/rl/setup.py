@@ -27,7 +27,15 @@ from lora_rl.models.build import (
 )
 from lora_rl.models.context import refuse_overlong
 from lora_rl.models.reward_model import RewardModel
-from lora_rl.recipe import EvalConfig, Recipe, RecipeError, TrainConfig, trained_chat_template, unread_settings
+from lora_rl.recipe import (
+    EvalConfig,
+    Recipe,
+    RecipeError,
+    TrainConfig,
+    held_out_problems,
+    trained_chat_template,
+    unread_settings,
+)
 from lora_rl.rl.rewards import RewardError, RewardTerm, check_terms, data_columns, load_prompt_rows
 from lora_rl.rl.roles import (
     CRITIC,
@@ -259,16 +267,14 @@ def reward_problems(recipe: Recipe) -> list[str]:
 def eval_problems(recipe: Recipe) -> list[str]:
     """The evaluation's settings: held-out prompts from one source, evaluation settings only with them, and a
     pass_function that names one of the reward functions."""
-    data, default = recipe.data, EvalConfig()
-    if data.eval_path and data.eval_fraction:
-        return [f"data.eval_path and data.eval_fraction: both set ({data.eval_path}, {data.eval_fraction}); the "
-                "held-out prompts come from one of them: remove the other"]  # fmt: skip
-    if not (data.eval_path or data.eval_fraction):
-        changed = [f"train.{name}" for name in ("eval_every", "save_best") if getattr(recipe.train, name)]
-        changed += [f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)
-                    if getattr(recipe.eval, f.name) != getattr(default, f.name)]  # fmt: skip
-        return [f"{name}: set, but there are no held-out prompts to evaluate on: set data.eval_path or "
-                "data.eval_fraction" for name in changed]  # fmt: skip
+    default = EvalConfig()
+    changed = [f"train.{name}" for name in ("eval_every", "save_best") if getattr(recipe.train, name)]
+    changed += [f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)
+                if getattr(recipe.eval, f.name) != getattr(default, f.name)]  # fmt: skip
+    if problems := held_out_problems(recipe.data, changed, "prompts"):
+        return problems
+    if not (recipe.data.eval_path or recipe.data.eval_fraction):
+        return []
     wanted = recipe.eval.pass_function
     names = [spec.rpartition(":")[2] for spec, _ in reward_specs(recipe)]
     if wanted is not None and wanted not in names:
