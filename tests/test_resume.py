@@ -69,6 +69,10 @@ def test_resume_refuses_changed_settings_unless_allowed(write_recipe, tmp_path):
     with pytest.raises(RecipeError, match=r"seed: 42 -> 7; train.learning_rate: 0.005 -> 0.001.*--allow-changes"):
         train_reward.run(changed, resume="auto")
     assert verify(train_reward.run(changed, resume="auto", allow_changes=True))
+    # the held-out share decides which rows train: another one would continue on other data
+    other_split = load_recipe(path, ["seed=7", "train.learning_rate=1e-3", "data.eval_fraction=0.5"])
+    with pytest.raises(RecipeError, match=r"data.eval_fraction: 0.2 -> 0.5"):
+        train_reward.run(other_split, resume="auto")
 
 
 def test_rotation_keeps_newest_checkpoints(write_recipe, tmp_path):

@@ -21,7 +21,7 @@ PINNED_KEYS = (
     "seed", "train.batch_size", "train.gradient_accumulation_steps", "train.num_epochs", "train.max_steps",
     "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio", "ppo.rollout_batch_size",
     "ppo.num_updates", "ppo.ppo_epochs", "grpo.num_steps", "grpo.prompts_per_step", "grpo.num_generations",
-    "grpo.num_iterations",
+    "grpo.num_iterations", "data.eval_fraction",  # which of train_path's rows train
 )  # fmt: skip
 
 
