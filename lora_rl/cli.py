@@ -281,7 +281,7 @@ def load(
         Path, typer.Argument(metavar="BASE_OR_ADAPTER", help="Base model directory, or an adapter directory.")
     ],
     adapter: Annotated[
-        list[str] | None, typer.Option("--adapter", help="NAME=DIR: an adapter to attach; repeatable.")
+        list[str] | None, typer.Option("--adapter", help="DIR or NAME=DIR: an adapter to attach; repeatable.")
     ] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeatable.")] = None,
     prompts_file: Annotated[Path | None, typer.Option(help="A file with one prompt per line.")] = None,

@@ -91,6 +91,8 @@ def test_the_table_and_an_adapter_directory_on_its_own(trained):
     code, output = evaluate(str(out / "final"), "eval.num_samples=1", "--json", "--completions", str(written))
     assert code == 0, output
     assert set(records(output)["final"]) >= {"eval/pass@1", "eval/reward"} and "eval/pass@2" not in output
+    code, output = evaluate(str(out / "recipe.yaml"), "--adapter", str(out / "final"), "--json")  # named after DIR
+    assert code == 0 and list(records(output)) == ["base", "final"], output
     lines = [json.loads(line) for line in written.read_text().splitlines()]
     assert [(line["model"], line["prompt"]) for line in lines] == [(m, f"say the word {w}") for m in ("base", "final")
                                                                    for w in ["dog", "cat", "red", "blue", "one"]]

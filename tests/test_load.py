@@ -205,8 +205,8 @@ def test_a_template_the_tokenizer_lacks_or_an_unanswered_templated_reward_is_one
 
 
 ERRORS = {
-    "malformed adapter": (lambda a, t: ["tiny-llama", "--adapter", "noequals", "--prompt", "x"],
-                          "--adapter noequals: expected NAME=DIR, NAME made of letters, digits, _ and -"),
+    "malformed adapter": (lambda a, t: ["tiny-llama", "--adapter", "x.y=dir", "--prompt", "x"],
+                          "--adapter x.y=dir: expected DIR or NAME=DIR, NAME made of letters, digits, _ and -"),
     "duplicate name": (lambda a, t: ["tiny-llama", "--adapter", f"x={a['a']}", "--adapter", f"x={a['b']}",
                                      "--prompt", "x"], "--adapter x: the name is taken"),
     "reserved name": (lambda a, t: ["tiny-llama", "--adapter", f"base={a['a']}", "--prompt", "x"],

@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.table import Table
 
 from lora_rl import display
-from lora_rl.adapters import merge
+from lora_rl.adapters import merge, names
 from lora_rl.adapters.streaming_merge import meta_model, model_layout
 from lora_rl.data import DataError
 from lora_rl.models.build import ModelError, build, materialize_builtins
@@ -33,7 +33,6 @@ from lora_rl.rl.setup import attach_reward, check_eval_inputs, schedule_of
 from lora_rl.training import checkpoint
 
 BASE = "base"
-NAME = re.compile(r"[A-Za-z0-9_-]+")  # peft keeps adapters in ModuleDicts, whose keys cannot hold dots
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -47,8 +46,8 @@ def run(recipe_or_run: Path, overrides: list[str], adapters: list[str], as_json:
     recipe_file, named = recipe_and_adapters(source)
     if adapters and not (source / checkpoint.ADAPTER_CONFIG).is_file():
         named = []  # --adapter replaces a run directory's own adapters
-    named += parse_adapters(adapters)
-    refuse_duplicates([name for name, _ in named])
+    named += names.parse_adapters(adapters)
+    names.refuse_duplicates([name for name, _ in named], {BASE, "default"})  # default: the recipe's own adapter
     recipe, eval_rows, terms = check_eval_inputs(load_recipe(recipe_file, overrides), recipe_file.parent)
     if named and not recipe.actor.model.is_lora:
         raise ModelError("eval compares LoRA adapters on one base; the recipe fine-tunes the whole model "
@@ -124,12 +123,12 @@ def recipe_and_adapters(path: Path) -> tuple[Path, list[tuple[str, Path]]]:
         raise DataError([f"RECIPE_OR_RUN: {path} holds no recipe.yaml; expected a run directory (output_dir of ppo or "
                          "grpo) or an adapter directory saved by one"])  # fmt: skip
     if (path / checkpoint.ADAPTER_CONFIG).is_file():
-        return recipe_file, [(adapter_name(path), path)]
+        return recipe_file, [(names.name_of(path), path)]
     if (path / "config.json").is_file() and not (path / checkpoint.ADAPTER_CONFIG).is_file():
         raise ModelError(f"{path} is a fully fine-tuned model; eval compares LoRA adapters: point actor.model.path "
                          "at it in a recipe file")  # fmt: skip
     found = [child for child in path.iterdir() if (child / checkpoint.ADAPTER_CONFIG).is_file()]
-    return recipe_file, [(adapter_name(child), child) for child in sorted(found, key=run_order)]
+    return recipe_file, [(names.name_of(child), child) for child in sorted(found, key=run_order)]
 
 
 def run_order(directory: Path) -> tuple[int, int, str]:
@@ -137,35 +136,6 @@ def run_order(directory: Path) -> tuple[int, int, str]:
     if number := CHECKPOINT.fullmatch(directory.name):
         return 0, int(number.group(1)), ""
     return 1, {"best": 0, "final": 1}.get(directory.name, 2), directory.name
-
-
-def adapter_name(directory: Path) -> str:
-    """A column name peft accepts: the directory's name with anything else made an underscore."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", directory.resolve().name)
-
-
-def parse_adapters(adapters: list[str]) -> list[tuple[str, Path]]:
-    """--adapter DIR or NAME=DIR; every malformed one is reported at once."""
-    named, problems = [], []
-    for item in adapters:
-        name, sep, directory = item.partition("=")
-        if not sep:
-            name, directory = adapter_name(Path(item)), item
-        if not NAME.fullmatch(name) or not directory:
-            problems.append(f"--adapter {item}: expected DIR or NAME=DIR, NAME made of letters, digits, _ and -")
-        else:
-            named.append((name, Path(directory)))
-    if problems:
-        raise DataError(problems)
-    return named
-
-
-def refuse_duplicates(names: list[str]) -> None:
-    taken = {BASE, "default"}  # "default" is the recipe's own policy adapter on the built base
-    for name in names:
-        if name in taken:
-            raise DataError([f"--adapter {name}: the name is taken; give each adapter its own name (NAME=DIR)"])
-        taken.add(name)
 
 
 def check_adapters(specs: dict[str, merge.AdapterSpec], recipe: Recipe) -> None:

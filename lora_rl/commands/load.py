@@ -9,7 +9,6 @@ one rich table.
 
 from __future__ import annotations
 
-import re
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.table import Table
 from torch import nn
 
 from lora_rl import display
-from lora_rl.adapters import merge
+from lora_rl.adapters import merge, names
 from lora_rl.adapters.merge import AdapterSpec
 from lora_rl.adapters.streaming_merge import model_layout, reward_labels
 from lora_rl.data import DataError, check_chat_template, pad, prompt_ids, reward_pair_ids
@@ -30,7 +29,6 @@ from lora_rl.models.lm_head import only_given_sampling
 from lora_rl.models.reward_model import RewardModel
 from lora_rl.recipe import ModelConfig, trained_chat_template
 
-NAME = re.compile(r"[A-Za-z0-9_-]+")  # peft keeps adapters in ModuleDicts, whose keys cannot hold dots
 BASE = "base"
 
 
@@ -88,14 +86,14 @@ def run(base_or_adapter: str | Path, adapters: list[str], prompts: list[str], pr
         raise DataError(problems)
     texts = read_prompts(prompts, prompts_file)
     answers = read_completions(completions or [], texts, score)
-    named = parse_adapters(adapters)
+    named = names.parse_adapters(adapters)
     first = Path(base_or_adapter)
     if (first / "adapter_config.json").is_file():  # an adapter: its base is the base
-        named.insert(0, (re.sub(r"[^A-Za-z0-9_-]", "_", first.resolve().name), first))
+        named.insert(0, (names.name_of(first), first))
         base = merge.read_adapter(first).base
     else:
         base = merge.resolve_base(base_or_adapter, "BASE_OR_ADAPTER")
-    refuse_duplicates([name for name, _ in named])
+    names.refuse_duplicates([name for name, _ in named], {BASE})
     specs = {name: merge.read_adapter(path, base) for name, path in named}
     check_tasks(specs, score)
     templated = chat_templates(specs, chat_template, score)
@@ -151,28 +149,6 @@ def read_completions(completions: list[str], texts: list[str], score: bool) -> l
     if len(completions) != len(texts):
         raise DataError([f"--completion: got {len(completions)} for {len(texts)} prompts; expected one per prompt"])
     return completions
-
-
-def parse_adapters(adapters: list[str]) -> list[tuple[str, Path]]:
-    """NAME=DIR pairs; every malformed one is reported at once."""
-    named, problems = [], []
-    for item in adapters:
-        name, sep, directory = item.partition("=")
-        if not sep or not NAME.fullmatch(name) or not directory:
-            problems.append(f"--adapter {item}: expected NAME=DIR, NAME made of letters, digits, _ and -")
-        else:
-            named.append((name, Path(directory)))
-    if problems:
-        raise DataError(problems)
-    return named
-
-
-def refuse_duplicates(names: list[str]) -> None:
-    taken = {BASE}
-    for name in names:
-        if name in taken:
-            raise DataError([f"--adapter {name}: the name is taken; give each adapter its own name (not {BASE!r})"])
-        taken.add(name)
 
 
 def check_tasks(specs: dict[str, AdapterSpec], score: bool) -> None:
