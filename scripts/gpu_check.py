@@ -90,7 +90,7 @@ def last_metrics(run: Path) -> dict:
     if bad:
         raise ValueError(f"non-finite metrics {bad}")
     verify(run / "final")
-    keep = ("reward", "kl", "loss", "accuracy", "approx_kl", "clip_fraction", "clip_ratio")
+    keep = ("reward", "kl", "loss", "accuracy", "approx_kl", "clip_fraction", "clip_ratio", "eval/reward", "eval/pass@2")
     return {k: round(v, 4) for k, v in last.items() if k in keep and isinstance(v, float)}
 
 
@@ -135,7 +135,8 @@ def command_checks(work: Path, precision: str) -> list[tuple[str, list[str], obj
             f"reward.adapter={adapter}",
             "ppo.normalize_rewards=true",
         ),  # fmt: skip
-        grpo_run("grpo reward functions"),
+        grpo_run("grpo reward functions, evaluation", "data.eval_fraction=0.1", "train.eval_every=2",
+                 "eval.num_samples=2", "train.save_best=eval/pass@2"),  # fmt: skip
         grpo_run("grpo beta, checkpointing, rloo", "grpo.beta=0.04", "train.gradient_checkpointing=true",
                  "grpo.advantage=rloo", "grpo.num_iterations=2"),  # fmt: skip
         (
@@ -148,6 +149,7 @@ def command_checks(work: Path, precision: str) -> list[tuple[str, list[str], obj
             ),
             None,
         ),  # fmt: skip
+        ("eval", lora_rl("eval", str(work / slug("grpo reward functions, evaluation")), "--json"), None),
         ("merge streaming reward", lora_rl("merge", str(adapter), str(work / "merged-reward"), "--streaming"), None),
         (
             "load",
