@@ -33,6 +33,7 @@ from lora_rl.models.build import (
     base_fingerprint,
     build,
     check_model_files,
+    four_bit_problems,
     load_tokenizer,
     materialize_builtins,
     resolve_path,
@@ -283,7 +284,7 @@ def check_inputs(recipe: Recipe) -> Inputs:
     """Every check train-reward makes before it loads a model, also run by `validate --for train-reward`: mixed
     precision, the model and adapter files, the preference pairs, tokenized (the tokenizer is cheap to load) and
     checked against the model's context window; pairs that read the same for chosen and rejected are counted."""
-    if problems := unread_settings(recipe, "train-reward"):
+    if problems := unread_settings(recipe, "train-reward") + four_bit_problems(recipe.actor.model):
         raise RecipeError(problems)
     guards.check_mixed_precision(recipe.train.mixed_precision)
     trackers.check_trackers(recipe)
