@@ -461,13 +461,27 @@ def trained_chat_template(directory: str | Path, dotted: str) -> bool | None:
     """The chat-template setting `dotted` (data.chat_template: a reward model; generation.chat_template: a policy)
     in the recipe.yaml lora-rl saved with the adapter or model in `directory`; None when there is none (made by
     another tool). A recipe saved before the key existed trained with its default, false."""
+    if not (Path(directory) / "recipe.yaml").is_file():
+        return None
+    return saved_setting(directory, dotted) is True
+
+
+def trained_in_4bit(directory: str | Path) -> bool:
+    """Whether the adapter in `directory` trained on a 4-bit base: actor.model.load_in_4bit in its saved recipe.yaml
+    (an adapter without one, or saved before the key existed, trained on the base as it is)."""
+    return saved_setting(directory, "actor.model.load_in_4bit") is True
+
+
+def saved_setting(directory: str | Path, dotted: str) -> Any:
+    """The value of `dotted` in the recipe.yaml lora-rl saved with the adapter or model in `directory`; None when
+    there is no such file or key."""
     path = Path(directory) / "recipe.yaml"
     if not path.is_file():
         return None
     node: Any = read_yaml(path)
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
-    return node is True
+    return node
 
 
 # ---------------------------------------------------------------- validation
