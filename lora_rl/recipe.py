@@ -88,6 +88,11 @@ class ModelConfig:
         "gaussian", "LoRA init: gaussian (RLinf), true (peft default), olora or pissa"
     )
     use_rslora: bool = key(False, "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
+    load_in_4bit: bool = key(
+        False,
+        "QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, double quantisation, bf16 compute), with LoRA; needs a "
+        "CUDA GPU and bitsandbytes; a reward.model loads so too; merge folds the adapter into the full-precision base",
+    )
     num_layers_unfrozen: int = key(
         -1,
         "full fine-tuning only: train just the top N layers; -1 trains all",
@@ -180,6 +185,30 @@ class GenerationConfig:
     top_k: int = key(0, "sample among the k likeliest tokens; 0 disables", NON_NEGATIVE_INT)
     top_p: float = key(1.0, "nucleus sampling mass; 1.0 disables", (lambda v: 0 < v <= 1, "a number in (0, 1]"))
     chat_template: bool = key(False, "wrap each prompt in the tokenizer's chat template as a user message")
+    engine: Literal["hf", "vllm"] = key(
+        "hf", "what samples: hf (transformers' generate on the policy), or vllm (refused until built: README, On a GPU)"
+    )
+    # TRL's GRPOConfig default for vLLM colocated with training; vLLM's own 0.9 assumes it has the GPU alone
+    vllm_gpu_memory_utilization: float = key(
+        0.3,
+        "vllm: share of the GPU's memory the engine, colocated with training, may take (TRL's default)",
+        (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    )
+    sync_check: Literal["error", "warn"] = key(
+        "error",
+        "vllm: each update, the engine's log-probs of a few sampled tokens against ours: closer to the base or the "
+        "previous adapter than to the current policy stops the run (error) or warns",
+    )
+    importance_correction: Literal["sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none"] = key(
+        "sequence_mask",
+        "vllm: weight the loss by exp(ours - engine log-probs), per token or per sequence (summed), masked above "
+        "importance_cap or truncated at it (TRL's vllm_importance_sampling_mode); none: no weight",
+    )
+    importance_cap: float = key(
+        3.0,
+        "vllm: importance_correction's cap C (TRL's vllm_importance_sampling_clip_max)",
+        (lambda v: v >= 1, "a number >= 1 (agreeing log-probs, a ratio of 1, must pass)"),
+    )
 
 
 @dataclass(frozen=True)
@@ -432,13 +461,27 @@ def trained_chat_template(directory: str | Path, dotted: str) -> bool | None:
     """The chat-template setting `dotted` (data.chat_template: a reward model; generation.chat_template: a policy)
     in the recipe.yaml lora-rl saved with the adapter or model in `directory`; None when there is none (made by
     another tool). A recipe saved before the key existed trained with its default, false."""
+    if not (Path(directory) / "recipe.yaml").is_file():
+        return None
+    return saved_setting(directory, dotted) is True
+
+
+def trained_in_4bit(directory: str | Path) -> bool:
+    """Whether the adapter in `directory` trained on a 4-bit base: actor.model.load_in_4bit in its saved recipe.yaml
+    (an adapter without one, or saved before the key existed, trained on the base as it is)."""
+    return saved_setting(directory, "actor.model.load_in_4bit") is True
+
+
+def saved_setting(directory: str | Path, dotted: str) -> Any:
+    """The value of `dotted` in the recipe.yaml lora-rl saved with the adapter or model in `directory`; None when
+    there is no such file or key."""
     path = Path(directory) / "recipe.yaml"
     if not path.is_file():
         return None
     node: Any = read_yaml(path)
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
-    return node is True
+    return node
 
 
 # ---------------------------------------------------------------- validation

@@ -24,7 +24,7 @@ from lora_rl import builtin, display
 from lora_rl.adapters import streaming_merge
 from lora_rl.adapters.streaming_merge import Plan, TensorInfo
 from lora_rl.models.build import ModelError, base_fingerprint, load_tokenizer, quiet_transformers
-from lora_rl.recipe import ModelConfig
+from lora_rl.recipe import ModelConfig, trained_in_4bit
 from lora_rl.training import checkpoint
 from lora_rl.training.checkpoint import CheckpointError
 
@@ -73,6 +73,12 @@ def run(adapter_dir: Path, out_dir: Path, *, base: str | Path | None = None, dty
     if stream:
         refuse_unstreamable(spec, plan)
     print_start(spec, out, plan, stream, streaming is None and stream, out_dtype)
+    if trained_in_4bit(spec.directory):
+        say(
+            "the adapter trained on a 4-bit (NF4) base (actor.model.load_in_4bit in its recipe.yaml): merged into the "
+            "full-precision base, never into 4-bit weights; the merged model differs from the quantised one it "
+            "trained on by the quantisation error, and the check compares it with the full-precision base + adapter"
+        )
     say(f"tokenizer: {tokenizer_source}")
     if check and not fits:
         display.print_warnings([f"skipped the merged-vs-adapter check: running the models needs about "

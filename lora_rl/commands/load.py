@@ -24,10 +24,17 @@ from lora_rl.adapters import merge, names
 from lora_rl.adapters.merge import AdapterSpec
 from lora_rl.adapters.streaming_merge import model_layout, reward_labels
 from lora_rl.data import DataError, check_chat_template, pad, prompt_ids, reward_pair_ids
-from lora_rl.models.build import ModelError, classifier_head_name, load_tokenizer, quiet_transformers
+from lora_rl.models.build import (
+    ModelError,
+    classifier_head_name,
+    four_bit_options,
+    four_bit_unavailable,
+    load_tokenizer,
+    quiet_transformers,
+)
 from lora_rl.models.lm_head import only_given_sampling
 from lora_rl.models.reward_model import RewardModel
-from lora_rl.recipe import ModelConfig, trained_chat_template
+from lora_rl.recipe import ModelConfig, trained_chat_template, trained_in_4bit
 
 BASE = "base"
 
@@ -103,9 +110,10 @@ def run(base_or_adapter: str | Path, adapters: list[str], prompts: list[str], pr
     for name, uses in templated.items():
         if uses:
             check_chat_template(tokenizer, template_source(name, specs, chat_template, score))
+    quantised = four_bit_base(specs)
 
     # 2. The base, once; every adapter checked against it, then attached.
-    model = load_base(base, tokenizer, specs, score)
+    model = load_base(base, tokenizer, specs, score, quantised)
     layout = model_layout(model)
     for spec in specs.values():
         merge.refuse_misfit(spec, model.config, layout)
@@ -209,12 +217,32 @@ def template_note(templated: dict[str, bool]) -> str:
 # ---------------------------------------------------------------- model
 
 
-def load_base(base: Path, tokenizer, specs: dict[str, AdapterSpec], score: bool) -> nn.Module:
-    """The base, once: a causal LM, or with --score a sequence classifier for the adapters' reward heads."""
+def four_bit_base(specs: dict[str, AdapterSpec]) -> bool:
+    """Whether the base loads in 4-bit NF4: when every adapter trained on a 4-bit base (its recipe.yaml) and this
+    machine can load one (CUDA, bitsandbytes). Otherwise the full-precision base, said in one line when an adapter
+    trained on 4-bit: its outputs then differ from the quantised model's by the quantisation error, not refused."""
+    trained = [name for name, spec in specs.items() if trained_in_4bit(spec.directory)]
+    if not trained:
+        return False
+    reason = four_bit_unavailable()
+    others = [name for name in specs if name not in trained]
+    if reason is None and not others:
+        merge.say(f"loading the base in 4-bit (NF4), as {', '.join(trained)} trained on it")
+        return True
+    why = reason or f"{', '.join(others)} trained on the full-precision base"
+    merge.say(f"{', '.join(trained)} trained on a 4-bit (NF4) base: loading the full-precision base instead ({why}); "
+              "outputs differ from the quantised model's by the quantisation error")  # fmt: skip
+    return False
+
+
+def load_base(base: Path, tokenizer, specs: dict[str, AdapterSpec], score: bool, quantised: bool = False) -> nn.Module:
+    """The base, once: a causal LM, or with --score a sequence classifier for the adapters' reward heads; in 4-bit
+    NF4 when `quantised` (on this process's GPU, where bitsandbytes places it)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"dtype": torch.float32 if device == "cpu" else "auto", "use_safetensors": True}
+    kwargs |= four_bit_options() if quantised else {}
     with quiet_transformers():  # the classifier's head is reported "missing": each adapter brings its own
         if score:
             first = next(iter(specs.values()))
@@ -224,7 +252,7 @@ def load_base(base: Path, tokenizer, specs: dict[str, AdapterSpec], score: bool)
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    return model.to(device).eval()
+    return (model if quantised else model.to(device)).eval()  # quantised weights cannot be moved
 
 
 def attach(model: nn.Module, specs: dict[str, AdapterSpec]) -> nn.Module:

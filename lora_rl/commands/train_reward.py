@@ -33,6 +33,7 @@ from lora_rl.models.build import (
     base_fingerprint,
     build,
     check_model_files,
+    four_bit_problems,
     load_tokenizer,
     materialize_builtins,
     resolve_path,
@@ -284,7 +285,8 @@ def check_inputs(recipe: Recipe) -> Inputs:
     precision, the model and adapter files, the preference pairs, tokenized (the tokenizer is cheap to load) and
     checked against the model's context window; pairs that read the same for chosen and rejected are counted."""
     evaluating = ["train.eval_every"] if recipe.train.eval_every else []
-    if problems := unread_settings(recipe, "train-reward") + held_out_problems(recipe.data, evaluating, "pairs"):
+    problems = unread_settings(recipe, "train-reward") + held_out_problems(recipe.data, evaluating, "pairs")
+    if problems := problems + four_bit_problems(recipe.actor.model):
         raise RecipeError(problems)
     guards.check_mixed_precision(recipe.train.mixed_precision)
     trackers.check_trackers(recipe)

@@ -7,6 +7,7 @@ entries matched, parameter counts, warnings) that `validate` and the training co
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from collections.abc import Iterator
@@ -64,6 +65,10 @@ def build(recipe: Recipe, head: Head) -> Built:
     if head == "causal-lm":
         refuse_logit_processing(path, cfg)
     model = load_base(path, cfg, head, tokenizer)
+    if cfg.load_in_4bit:  # peft's QLoRA preparation: base frozen, its other weights in float32; checkpointing below
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     report = ModelReport(base_path=path, head=head, is_lora=cfg.is_lora)
     if head == "reward":
         report.head_module = classifier_head_name(model)
@@ -167,6 +172,8 @@ def load_base(path: Path, cfg: ModelConfig, head: Head, tokenizer) -> nn.Module:
     checkpoint.refuse_pickle(path, cfg.allow_pickle_weights)
     kwargs = {"dtype": getattr(torch, cfg.dtype), "trust_remote_code": cfg.trust_remote_code,
               "use_safetensors": None if cfg.allow_pickle_weights else True}  # fmt: skip
+    if cfg.load_in_4bit:
+        kwargs |= four_bit_options()
     if head == "reward":
         # pad_token_id lets the classifier find each row's last real token in a padded batch.
         with quiet_transformers():  # it reports the new head as "missing": expected, it is new
@@ -178,6 +185,43 @@ def load_base(path: Path, cfg: ModelConfig, head: Head, tokenizer) -> nn.Module:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+# ---------------------------------------------------------------- 4-bit base (QLoRA)
+
+
+def four_bit_problems(cfg: ModelConfig) -> list[str]:
+    """Why the recipe's 4-bit base cannot load here, one line each; checked with the recipe, before any model loads."""
+    if not cfg.load_in_4bit:
+        return []
+    problems = []
+    if not cfg.is_lora:
+        problems.append("actor.model.load_in_4bit: 4-bit weights cannot be trained themselves; set is_lora: true "
+                        "(QLoRA trains LoRA adapters on the 4-bit base)")  # fmt: skip
+    if reason := four_bit_unavailable():
+        problems.append(f"actor.model.load_in_4bit: {reason}")
+    return problems
+
+
+def four_bit_unavailable() -> str | None:
+    """Why this machine cannot load a 4-bit base (bitsandbytes runs on CUDA); None when it can. Imports nothing."""
+    if not torch.cuda.is_available():
+        return "4-bit (bitsandbytes NF4) needs a CUDA GPU, this machine has none"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return '4-bit needs bitsandbytes, which is not installed: pip install "lora-rl[qlora]"'
+    return None
+
+
+def four_bit_options() -> dict:
+    """from_pretrained's options for a 4-bit base: QLoRA's NF4 with double quantisation and bf16 compute (Dettmers
+    et al. 2023, as peft and TRL configure it), on this process's GPU. Not yet verified on a GPU (README, On a GPU)."""
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    # quantised weights cannot move to another device: load them where this process computes (TRL's kbit device map)
+    return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
 
 
 def refuse_logit_processing(path: Path, cfg: ModelConfig) -> None:

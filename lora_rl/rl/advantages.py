@@ -169,11 +169,14 @@ def clipped_policy_loss(
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     normalizer: float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> GRPOLossOutput:
     """(N, T) new, old (and reference) log-probs of the sampled tokens, (N,) or (N, T) advantages -> GRPO's loss,
-    as TRL 1.16 GRPOTrainer._compute_loss (importance_sampling_level="token", no delta, no vLLM correction).
+    as TRL 1.16 GRPOTrainer._compute_loss (importance_sampling_level="token", no delta).
 
-    Per token: l_t = -min(rho_t A, clip(rho_t, 1 - epsilon, 1 + epsilon_high) A) + beta * k3_t, with
+    Per token: l_t = -w_t min(rho_t A, clip(rho_t, 1 - epsilon, 1 + epsilon_high) A) + beta * k3_t, with
+    w_t the (N, T) `weights` of an engine's samples (importance.importance_weights; 1 without), as TRL's vLLM
+    correction multiplies the clipped term before the KL is added,
     rho_t = exp(logp_t - old_logp_t), epsilon_high defaulting to epsilon (DAPO's clip-higher when larger) and
     k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (TRL's per_token_kl; only when beta != 0).
     Aggregation, the sum S over valid tokens divided by `normalizer`, or by default:
@@ -195,6 +198,8 @@ def clipped_policy_loss(
     high = epsilon if epsilon_high is None else epsilon_high
     # l_t = -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps_high) A_t)
     per_token = -torch.minimum(ratio * advantages, ratio.clamp(1 - epsilon, 1 + high) * advantages)
+    if weights is not None:
+        per_token = per_token * weights
     kl = torch.zeros((), device=logp.device)
     if beta != 0.0:
         if ref_logp is None:

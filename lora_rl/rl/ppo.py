@@ -218,9 +218,15 @@ class PolicyLossOutput(NamedTuple):
 
 
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
-    """(B, T) new and old log-probs of the sampled tokens and advantages -> PPO's clipped policy loss.
+    """(B, T) new and old log-probs of the sampled tokens and advantages -> PPO's clipped policy loss; `weights`
+    (B, T), an engine's importance weights (importance.importance_weights), multiply each token's term.
 
     approx_kl is k3 with the old policy as the sampler, (rho - 1) - log rho: unbiased and >= 0 (TRL logs
     0.5 * mean(log rho ^ 2) instead, k2, which is biased).
@@ -229,10 +235,11 @@ def policy_loss(
     # padding may hold anything: masked_mean keeps it out of the loss, this where out of the gradient and exp
     log_ratio = torch.where(mask, logp - old_logp, 0)
     ratio = log_ratio.exp()
-    # L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(x_t) / pi_old(x_t)
+    # L = mean_t w_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(x_t) / pi_old(x_t)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)

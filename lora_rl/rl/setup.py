@@ -5,6 +5,7 @@ attached: policy, reference (when the objective needs one), critic (ppo) and rew
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ from lora_rl.models.build import (
     classifier_head_name,
     disable_dropout,
     enable_gradient_checkpointing,
+    four_bit_problems,
     load_base,
     load_tokenizer,
     resolve_path,
@@ -29,6 +31,7 @@ from lora_rl.models.context import refuse_overlong
 from lora_rl.models.reward_model import RewardModel
 from lora_rl.recipe import (
     EvalConfig,
+    GenerationConfig,
     Recipe,
     RecipeError,
     TrainConfig,
@@ -116,7 +119,8 @@ def check_eval_inputs(recipe: Recipe, recipe_dir: Path | None = None,
     loads: the model and reward files, one reward source, the held-out prompts (required) and the reward functions'
     arguments against their columns. The training settings are not read. -> (the recipe as it will run, the
     held-out rows, the reward functions or None)"""
-    problems = reward_problems(recipe) + eval_problems(recipe)
+    problems = reward_problems(recipe) + eval_problems(recipe) + engine_problems(recipe.generation)
+    problems += four_bit_problems(recipe.actor.model)
     if not (recipe.data.eval_path or recipe.data.eval_fraction):
         problems.append("data.eval_path: got null; eval needs held-out prompts: set data.eval_path (a file of "
                         "prompts) or data.eval_fraction (of data.train_path)")  # fmt: skip
@@ -246,6 +250,8 @@ def check_recipe(recipe: Recipe, command: str = "ppo") -> None:
     if not model.is_lora and (recipe.reward.adapter or critic_adapter):
         problems.append("reward.adapter and critic.mode: adapter share the policy's base: they need is_lora: true")
     problems += eval_problems(recipe)
+    problems += engine_problems(recipe.generation)
+    problems += four_bit_problems(model)
     if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         problems.append(
             "train.mixed_precision: got 'fp16'; fp16 needs a CUDA GPU, this machine has none: use bf16 or no"
@@ -262,6 +268,26 @@ def reward_problems(recipe: Recipe) -> list[str]:
     found = ", ".join(f"reward.{k}" for k in reward_keys) or "none"
     return [f"reward: set exactly one of reward.adapter, reward.model, reward.function, reward.functions (found: "
             f"{found})"]  # fmt: skip
+
+
+# the generation keys only the vLLM engine reads (importance weights and the sync check: rl.engine_sync)
+VLLM_ONLY = ("vllm_gpu_memory_utilization", "sync_check", "importance_correction", "importance_cap")
+
+
+def engine_problems(generation: GenerationConfig) -> list[str]:
+    """generation.engine: vllm, refused with one line saying why on this machine (the engine is not built yet);
+    with hf, a key only the vllm engine reads that is set away from its default."""
+    if generation.engine == "hf":
+        changed = [name for name in VLLM_ONLY if getattr(generation, name) != getattr(GenerationConfig(), name)]
+        return [f"generation.{name}: set to {getattr(generation, name)!r}, but only generation.engine: vllm reads "
+                "it; remove it" for name in changed]  # fmt: skip
+    refused = "generation.engine: got 'vllm'; "
+    if not torch.cuda.is_available():
+        return [refused + "vLLM needs a CUDA GPU, this machine has none: use hf"]
+    not_built = "the vLLM engine is not built yet in this version (README, On a GPU): use hf"
+    if importlib.util.find_spec("vllm") is None:  # finds the package without importing it
+        return [refused + f'vllm is not installed (pip install "lora-rl[vllm]"), and {not_built}']
+    return [refused + not_built]
 
 
 def eval_problems(recipe: Recipe) -> list[str]:
