@@ -41,7 +41,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(rows[:96]) + "\n")  # 6 global batches of 16: no partial batch
     (tmp_path / "eval.jsonl").write_text("\n".join(rows[1000:1032]) + "\n")
     common = ["train-reward", str(ROOT / "recipes/reward-demo.yaml"), f"data.train_path={tmp_path / 'train.jsonl'}",
-              f"data.eval_path={tmp_path / 'eval.jsonl'}", "train.eval_every=3"]  # fmt: skip
+              f"data.eval_path={tmp_path / 'eval.jsonl'}", "data.eval_fraction=0", "train.eval_every=3"]  # fmt: skip
     one = launch(1, *common, f"output_dir={tmp_path / 'one'}", "train.batch_size=16")
     two = launch(2, *common, f"output_dir={tmp_path / 'two'}", "train.batch_size=8")
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]

@@ -67,7 +67,7 @@ def test_train_reward_under_fsdp2_matches_one_process(tmp_path):
     rows = (ROOT / "recipes/data/reward-demo.jsonl").read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(rows[:64]) + "\n")
     common = ["train-reward", str(ROOT / "recipes/reward-demo.yaml"), f"data.train_path={tmp_path / 'train.jsonl'}",
-              "data.eval_fraction=0", "train.max_grad_norm=0.05"]  # fmt: skip
+              "data.eval_fraction=0", "train.eval_every=0", "train.max_grad_norm=0.05"]  # fmt: skip
     one = subprocess.run([os.sys.executable, "-m", "lora_rl", *common, f"output_dir={tmp_path / 'one'}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     two = launch("recipes/accelerate/fsdp.yaml", *common, f"output_dir={tmp_path / 'two'}", "train.batch_size=8")
