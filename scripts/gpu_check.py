@@ -90,7 +90,8 @@ def last_metrics(run: Path) -> dict:
     if bad:
         raise ValueError(f"non-finite metrics {bad}")
     verify(run / "final")
-    keep = ("reward", "kl", "loss", "accuracy", "approx_kl", "clip_fraction", "clip_ratio", "eval/reward", "eval/pass@2")
+    keep = ("reward", "kl", "loss", "accuracy", "approx_kl", "clip_fraction", "clip_ratio", "eval/reward",
+            "eval/pass@2")
     return {k: round(v, 4) for k, v in last.items() if k in keep and isinstance(v, float)}
 
 
