@@ -95,7 +95,8 @@ def training_ends() -> Iterator[None]:
     """A finished run, a stop signal that saved a checkpoint at a step boundary (then: say where, exit 128 + the
     signal's number like a shell command that signal ended: Ctrl-C 130, SIGTERM 143, SIGUSR1 138; see
     lora_rl.training.interrupt), or a run stopped by non-finite values (exit 1). Every process got there together
-    and can end the distributed run."""
+    and can end the distributed run. `lora-rl eval` on several processes ends here too: left to interpreter
+    shutdown, gloo aborted it after its results were printed (about 1 exit in 3, 2 CPU processes)."""
     from lora_rl.training.distributed import end_distributed_run
     from lora_rl.training.guards import BadUpdate
     from lora_rl.training.interrupt import Interrupted
@@ -343,7 +344,7 @@ def evaluate(
     directory brings its recipe.yaml and every adapter in it (checkpoint-N/, best/, final/); --adapter replaces
     those. Writes nothing unless --completions FILE.
     """
-    with user_errors():
+    with user_errors(), training_ends():  # several processes leave together, as a run's do
         from lora_rl.commands import evaluate as command
 
         command.run(recipe_or_run, overrides or [], adapter or [], as_json, completions)

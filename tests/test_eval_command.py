@@ -138,3 +138,15 @@ def test_a_reward_adapter_or_one_for_another_base_is_refused(trained, reward_ada
     (other / "adapter_config.json").write_text(json.dumps(config))
     code, output = evaluate(str(out / "recipe.yaml"), "--adapter", f"o={other}")
     assert code == 2 and "does not fit the base" in output, output
+
+
+def test_it_ends_as_a_run_does_so_several_processes_leave_together(trained, monkeypatch):
+    """With several processes, eval must end through end_distributed_run (a barrier, then os._exit): left to
+    interpreter shutdown, gloo aborted the processes after the results were printed ("terminate called without an
+    active exception", SIGABRT, exit 1; seen in CI about 1 run in 3). Here one process: the call is recorded."""
+    import lora_rl.training.distributed as distributed
+
+    ended = []
+    monkeypatch.setattr(distributed, "end_distributed_run", ended.append)
+    code, output = evaluate(str(trained[0] / "final"), "--json")
+    assert code == 0 and ended == [0], output
