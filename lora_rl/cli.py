@@ -91,12 +91,12 @@ def user_errors() -> Iterator[None]:
 
 
 @contextmanager
-def training_ends() -> Iterator[None]:
-    """A finished run, a stop signal that saved a checkpoint at a step boundary (then: say where, exit 128 + the
-    signal's number like a shell command that signal ended: Ctrl-C 130, SIGTERM 143, SIGUSR1 138; see
-    lora_rl.training.interrupt), or a run stopped by non-finite values (exit 1). Every process got there together
-    and can end the distributed run. `lora-rl eval` on several processes ends here too: left to interpreter
-    shutdown, gloo aborted it after its results were printed (about 1 exit in 3, 2 CPU processes)."""
+def processes_end_together() -> Iterator[None]:
+    """How a command that may run on several processes ends (train-reward, ppo, grpo, eval): finished, a stop
+    signal that saved a checkpoint at a step boundary (then: say where, exit 128 + the signal's number like a shell
+    command that signal ended: Ctrl-C 130, SIGTERM 143, SIGUSR1 138; see lora_rl.training.interrupt), or a run
+    stopped by non-finite values (exit 1). Every process got there together and leaves through
+    end_distributed_run; left to interpreter shutdown, gloo can abort a process after its work is done."""
     from lora_rl.training.distributed import end_distributed_run
     from lora_rl.training.guards import BadUpdate
     from lora_rl.training.interrupt import Interrupted
@@ -178,7 +178,7 @@ def train_reward(
     metrics.jsonl, checkpoint-N/ every train.save_every steps, and final/ (a peft adapter) to output_dir.
     """
 
-    with user_errors(), training_ends():
+    with user_errors(), processes_end_together():
         from lora_rl.commands import train_reward as command
 
         command.run(_load(recipe, overrides), overwrite=overwrite, resume=resume, allow_changes=allow_changes)
@@ -222,7 +222,7 @@ def grpo(
 
 def _rl(command: str, recipe: Path, overrides, overwrite: bool, resume: str | None, allow_changes: bool) -> None:
     """ppo and grpo: one loop. A reward function that fails is the user's code failing mid-run: exit 1."""
-    with user_errors(), training_ends():  # the imports too: Ctrl-C while torch loads is one line
+    with user_errors(), processes_end_together():  # the imports too: Ctrl-C while torch loads is one line
         from lora_rl.commands import rl as rl_command
         from lora_rl.rl.rewards import RewardError
         from lora_rl.training.distributed import end_distributed_run
@@ -344,7 +344,7 @@ def evaluate(
     directory brings its recipe.yaml and every adapter in it (checkpoint-N/, best/, final/); --adapter replaces
     those. Writes nothing unless --completions FILE.
     """
-    with user_errors(), training_ends():  # several processes leave together, as a run's do
+    with user_errors(), processes_end_together():
         from lora_rl.commands import evaluate as command
 
         command.run(recipe_or_run, overrides or [], adapter or [], as_json, completions)

@@ -143,7 +143,8 @@ def test_a_reward_adapter_or_one_for_another_base_is_refused(trained, reward_ada
 def test_it_ends_as_a_run_does_so_several_processes_leave_together(trained, monkeypatch):
     """With several processes, eval must end through end_distributed_run (a barrier, then os._exit): left to
     interpreter shutdown, gloo aborted the processes after the results were printed ("terminate called without an
-    active exception", SIGABRT, exit 1; seen in CI about 1 run in 3). Here one process: the call is recorded."""
+    active exception", SIGABRT, exit 1; 2 of 6 two-process tries once, 0 of 12 on an idle machine). Here one
+    process: the call is recorded."""
     import lora_rl.training.distributed as distributed
 
     ended = []
